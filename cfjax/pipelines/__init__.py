@@ -1,0 +1,1 @@
+"""Long-running jobs with side effects: training loops, batched generation, I/O, progress."""

@@ -1,0 +1,153 @@
+"""One training loop for every model cfjax trains (flow, classifier, DUQ).
+
+A trainer supplies pure, jitted functions; this module owns the side effects: shuffling,
+batching, the progress bar, periodic Orbax checkpoints, ``--resume`` and the final evaluation.
+
+Determinism: epoch ``e`` visits the training set in the order ``default_rng(seed + e)`` gives,
+and step ``s`` uses the key ``fold_in(PRNGKey(seed), s)``. A resumed run therefore continues the
+exact sequence of an uninterrupted one, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from cfjax import checkpoint as ckpt
+from cfjax.data import Dataset
+from cfjax.errors import CfjaxError
+from cfjax.pipelines.progress import progress_bar
+
+# (state, x (B,H,W,C), y (B,), key) -> (state, metrics: dict[str, scalar])
+TrainStep = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[Any, dict]]
+# (state, dataset) -> dict[str, float]
+EvalFn = Callable[[Any, Dataset], dict]
+
+
+@dataclass
+class TrainSpec:
+    """What a trainer hands to :func:`fit`."""
+
+    kind: str                       # "flow", "classifier", "duq", ...
+    config: dict                    # JSON-safe model config (rebuilds the model)
+    init_state: Callable[[], Any]   # () -> state pytree (params, opt_state, ...)
+    train_step: TrainStep
+    evaluate: EvalFn
+    finalize: Callable[[Any, Dataset], Any] | None = None  # e.g. compute class-mean latents
+    info: dict = field(default_factory=dict)  # extra fields for cfjax_model.json
+    show: tuple[str, ...] = ("loss",)          # metrics shown in the progress bar
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing model unless resuming."""
+    if out.exists() and not out.is_dir():
+        raise CfjaxError(f"--out {out} exists and is not a directory")
+    has_model = (out / ckpt.MODEL_FILE).exists() or (out / ckpt.CKPT_SUBDIR).exists()
+    if has_model and not resume:
+        raise CfjaxError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
+    if resume and not has_model:
+        raise CfjaxError(f"--resume: {out} holds no checkpoint to resume from")
+
+
+def fit(
+    spec: TrainSpec,
+    train: Dataset,
+    test: Dataset | None,
+    out: str | Path,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    max_steps: int | None = None,
+    quiet: bool = False,
+) -> tuple[Any, dict]:
+    """Train, checkpointing every ``checkpoint_every`` steps and at the end; returns (state, metrics).
+
+    ``max_steps`` stops early (after saving), which tests use to simulate a killed run.
+    """
+    out = Path(out)
+    if epochs <= 0:
+        raise CfjaxError(f"--epochs must be positive, got {epochs}")
+    if batch_size <= 0:
+        raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
+    n = len(train)
+    if n < batch_size:
+        raise CfjaxError(f"--batch-size {batch_size} is larger than the training set ({n} images)")
+    check_out_dir(out, resume)
+    steps_per_epoch = n // batch_size  # drop the ragged last batch: one compiled shape
+    total_steps = epochs * steps_per_epoch
+
+    state = spec.init_state()
+    start_step = 0
+    if resume:
+        info = ckpt.read_model_info(out, expected_kind=spec.kind)
+        if info["config"] != spec.config:
+            raise CfjaxError(f"--resume: {out} was trained with another config; resume with the same options")
+        state, meta, start_step = ckpt.load_checkpoint(out, state)
+        if meta.get("seed", seed) != seed or meta.get("batch_size", batch_size) != batch_size:
+            raise CfjaxError(
+                f"--resume: {out} was trained with seed {meta.get('seed')} and batch size "
+                f"{meta.get('batch_size')}; resume with the same values"
+            )
+    else:
+        ckpt.write_model_info(out, spec.kind, spec.config, status="training", dataset=train.name, **spec.info)
+
+    base_key = jax.random.PRNGKey(seed)
+
+    def save(step: int, state) -> None:
+        ckpt.save_checkpoint(out, step, state, {"seed": seed, "batch_size": batch_size, "epochs": epochs})
+
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    images_seen = 0
+    step = start_step
+    with progress_bar(total_steps, f"train {spec.kind}", disable=quiet) as bar:
+        bar.advance(start_step)
+        while step < total_steps:
+            epoch, pos = divmod(step, steps_per_epoch)
+            order = np.random.default_rng(seed + epoch).permutation(n)
+            for b in range(pos, steps_per_epoch):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                key = jax.random.fold_in(base_key, step)
+                state, metrics = spec.train_step(state, train.images[idx], train.labels[idx], key)
+                step += 1
+                images_seen += batch_size
+                if step % 10 == 0 or step == total_steps:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not all(math.isfinite(v) for v in m.values()):
+                        raise CfjaxError(f"training diverged at step {step} (metrics {m}); lower the learning rate")
+                    history.append({"step": step, **m})
+                    bar.update(step, epoch=f"{epoch + 1}/{epochs}", **{k: m[k] for k in spec.show if k in m})
+                else:
+                    bar.update(step)
+                if step % checkpoint_every == 0 or step == total_steps:
+                    save(step, state)
+                if max_steps is not None and step >= max_steps:
+                    save(step, state)
+                    return state, {"stopped_at_step": step}
+    train_seconds = time.perf_counter() - t0
+    if spec.finalize is not None:
+        state = spec.finalize(state, train)
+        save(step, state)
+    metrics = {"train_seconds": round(train_seconds, 2), "train_images_per_s": round(images_seen / max(train_seconds, 1e-9), 1)}
+    if test is not None:
+        metrics.update({k: float(v) for k, v in spec.evaluate(state, test).items()})
+    ckpt.write_model_info(
+        out,
+        spec.kind,
+        spec.config,
+        status="complete",
+        dataset=train.name,
+        metrics=metrics,
+        train_settings={"epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": step},
+        **spec.info,
+    )
+    return state, metrics
