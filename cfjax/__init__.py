@@ -1,0 +1,18 @@
+"""cfjax: counterfactual explanations for image classifiers in JAX.
+
+Pure functions (jit/vmap/grad-able, explicit parameter pytrees):
+  cfjax.models.glow              Glow flow: GlowConfig, init_glow, glow_forward, glow_inverse
+  cfjax.models.flows             its layers: actnorm, conv1x1, coupling, reshape (squeeze/Haar), split
+  cfjax.models.latent            class-conditional Gaussians, Bayes classifier, IB-INN loss
+  cfjax.models.flow_classifier   the ECINN model bundle: encode, decode, predict_proba, loss_fn
+  cfjax.methods.ecinn            counterfactual, counterfactuals_all_classes, heatmap
+  cfjax.methods.disc             DISC objective terms and batched optimisation
+One-call object: cfjax.Explainer.pretrained("mnist5k").explain(x, target="next").
+"""
+
+from cfjax.errors import CfjaxError, CheckpointError
+from cfjax.explainer import Explainer
+
+__version__ = "0.1.0"
+
+__all__ = ["CfjaxError", "CheckpointError", "Explainer", "__version__"]

@@ -1,0 +1,83 @@
+"""A one-call object for users who want ``explain(x, target)`` and nothing else.
+
+>>> import cfjax
+>>> ex = cfjax.Explainer.pretrained("mnist5k")          # the shipped ECINN model
+>>> out = ex.explain(images, target="next")            # images (N, 28, 28, 1) in [0, 1]
+>>> out["x_cf"].shape, out["heatmap"].shape
+((N, 28, 28, 1), (N, 28, 28))
+
+Underneath it calls the pure functions of :mod:`cfjax.methods.ecinn`, which JAX code can use
+directly (jit, vmap, grad) with ``ex.params`` and ``ex.config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfjax.data import validate_images
+
+
+class Explainer:
+    """ECINN counterfactual explainer around a trained flow classifier."""
+
+    def __init__(self, params: dict, config, info: dict | None = None, step="paper", direction: str = "predicted_means"):
+        from cfjax.methods.ecinn import DIRECTIONS, _step_fn
+
+        _step_fn(step)
+        if direction not in DIRECTIONS:
+            from cfjax.errors import CfjaxError
+
+            raise CfjaxError(f"unknown direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+        self.params, self.config, self.info = params, config, info or {}
+        self.step, self.direction = step, direction
+
+    @classmethod
+    def load(cls, model_dir: str | Path, **kwargs) -> "Explainer":
+        """From a model directory written by ``cfjax train flow``."""
+        from cfjax.pipelines.train_flow import load_flow
+
+        params, config, info = load_flow(model_dir)
+        return cls(params, config, info, **kwargs)
+
+    @classmethod
+    def pretrained(cls, dataset: str = "mnist5k", **kwargs) -> "Explainer":
+        """The model shipped inside the package for ``dataset``."""
+        from cfjax.pretrained import default_model_dir
+
+        return cls.load(default_model_dir("flow", dataset), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def predict_proba(self, x) -> np.ndarray:
+        """p(y|x): (N, H, W, C) in [0, 1] -> (N, num_classes)."""
+        from cfjax.models.flow_classifier import predict_proba
+
+        x = validate_images(x, self.config.image_shape)
+        return np.asarray(jax.jit(predict_proba, static_argnums=1)(self.params, self.config, jnp.asarray(x)))
+
+    def predict(self, x) -> np.ndarray:
+        return np.argmax(self.predict_proba(x), -1).astype(np.int32)
+
+    def explain(self, x, target="next", batch_size: int = 256) -> dict:
+        """Counterfactuals and heatmaps. ``target``: 'next', a class index, or (N,) class indices.
+
+        Returns numpy arrays: x_cf (N, H, W, C), heatmap (N, H, W), y_pred, y_target, y_cf_pred,
+        p_pred, p_cf (N,), alpha0, alpha (N,). Raises CfjaxError on bad images or targets.
+        """
+        from cfjax.pipelines.explain_ecinn import explain_arrays
+
+        return explain_arrays(self.params, self.config, x, target, self.step, self.direction, batch_size)
+
+    def explain_all_classes(self, x) -> np.ndarray:
+        """Counterfactuals of each image to every class: (N, H, W, C) -> (N, num_classes, H, W, C)."""
+        from cfjax.methods.ecinn import counterfactuals_all_classes
+
+        x = validate_images(x, self.config.image_shape)
+        fn = jax.jit(counterfactuals_all_classes, static_argnames=("config", "step", "direction"))
+        return np.asarray(fn(self.params, self.config, jnp.asarray(x), step=self.step, direction=self.direction)["x_cf"])
