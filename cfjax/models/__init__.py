@@ -1,0 +1,1 @@
+"""Models: the Glow flow (:mod:`cfjax.models.glow`), its layers (:mod:`cfjax.models.flows`), latents and classifiers."""
