@@ -123,6 +123,10 @@ def save_checkpoint(model_dir, step: int, state: Any, meta: dict | None = None, 
     meta = json.loads(json.dumps(meta, default=_json_default))
     state = jax.device_get(state)
     with _manager(model_dir, max_to_keep) as mngr:
+        if int(step) in mngr.all_steps():
+            # Re-saving a step (e.g. the post-training pass of a resumed run): the previous
+            # step is still kept (max_to_keep >= 2), so a crash here loses no training.
+            mngr.delete(int(step))
         mngr.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

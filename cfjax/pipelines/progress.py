@@ -1,7 +1,7 @@
 """Progress bars for long work (training, chunked generation), built on ``rich``.
 
 On a terminal: a live bar with ETA and the latest metrics. Elsewhere (CI, logs, pipes): a plain
-line every ~10% so logs stay short.
+line every 10% of the work or 30 seconds, whichever comes first.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ class _Bar:
         self._task = None
         self._t0 = time.perf_counter()
         self._last_print = -1
+        self._start = 0
+        self._last_time = time.perf_counter()
+        self.every_s = 30.0
 
     def _fmt_fields(self) -> str:
         parts = []
@@ -30,6 +33,8 @@ class _Bar:
         return "  ".join(parts)
 
     def advance(self, n: int = 1) -> None:
+        """Mark ``n`` units done without counting them towards the rate (e.g. resumed work)."""
+        self._start += n
         self.update(self.done + n)
 
     def update(self, done: int, **fields) -> None:
@@ -41,10 +46,13 @@ class _Bar:
             self._live.update(self._task, completed=self.done, info=self._fmt_fields())
             return
         decile = int(10 * self.done / self.total)
-        if decile != self._last_print and (fields or self.done >= self.total):
-            self._last_print = decile
-            el = time.perf_counter() - self._t0
-            print(f"{self.description}: {self.done}/{self.total} ({el:.0f}s)  {self._fmt_fields()}", file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        due = decile != self._last_print or now - self._last_time >= self.every_s
+        if due and (fields or self.done >= self.total):
+            self._last_print, self._last_time = decile, now
+            el = now - self._t0
+            eta = el / max(self.done - self._start, 1) * (self.total - self.done) if self.done > self._start else float("nan")
+            print(f"{self.description}: {self.done}/{self.total} ({el:.0f}s, eta {eta:.0f}s)  {self._fmt_fields()}", file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -141,8 +141,10 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
 
 
 def abstract_params(config: fc.FlowClassifierConfig):
-    x = jax.ShapeDtypeStruct((2, *config.image_shape), jnp.float32)
-    return jax.eval_shape(lambda xi: fc.init_flow_classifier(jax.random.PRNGKey(0), config, xi), x)
+    """Shapes and dtypes of the parameters (the Glow init draws with NumPy, so it runs concretely)."""
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, *config.image_shape))
+    params = fc.init_flow_classifier(jax.random.PRNGKey(0), config, x)
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
 
 
 def load_flow(model_dir: str | Path) -> tuple[dict, fc.FlowClassifierConfig, dict]:
@@ -182,7 +184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_data_arguments(p)
     p.add_argument("--out", required=True, help="model directory to write (refuses to overwrite; see --resume)")
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -190,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-sigma", type=float, default=0.01)
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--steps-per-level", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=32, help="subnet width at level 0 (doubles per level)")
     p.add_argument("--downsample", choices=("haar", "squeeze"), default="haar")
     p.add_argument("--split-levels", action="store_true", help="multi-scale factor-out (Glow); default keeps the full latent")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -128,7 +128,8 @@ def fit(
                     bar.update(step, epoch=f"{epoch + 1}/{epochs}", **{k: m[k] for k in spec.show if k in m})
                 else:
                     bar.update(step)
-                if step % checkpoint_every == 0 or step == total_steps:
+                final = step == total_steps
+                if (step % checkpoint_every == 0 and not final) or (final and spec.finalize is None):
                     save(step, state)
                 if max_steps is not None and step >= max_steps:
                     save(step, state)

@@ -1,0 +1,112 @@
+"""ECINN on a small random flow: geometry against NumPy, batching, vmap, all-classes call."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfjax.errors import CfjaxError
+from cfjax.methods import ecinn
+from cfjax.models import flow_classifier as fc
+from cfjax.models import latent as latent_lib
+from cfjax.models.glow import GlowConfig
+from cfjax.models.latent import LatentConfig
+
+CFG = fc.FlowClassifierConfig(
+    glow=GlowConfig(image_shape=(8, 8, 1), num_levels=2, steps_per_level=1, hidden_channels=8, max_hidden_channels=8),
+    latent=LatentConfig(num_classes=4),
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1))
+    p = fc.init_flow_classifier(jax.random.PRNGKey(0), CFG, x)
+    # Perturb so the couplings are not the identity.
+    leaves, tree = jax.tree_util.tree_flatten(p["glow"])
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    p["glow"] = jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    p["class_means"] = p["latent"]["mu"] + 0.3 * jax.random.normal(jax.random.PRNGKey(3), p["latent"]["mu"].shape)
+    return p
+
+
+def test_latent_step_geometry_against_numpy():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(3, 5)) * 3
+    means = mu + rng.normal(size=(3, 5)) * 0.5
+    z = rng.normal(size=(6, 5))
+    src = np.array([0, 0, 1, 2, 1, 2])
+    tgt = np.array([1, 2, 0, 0, 2, 2])  # last: source == target
+    lp = {"mu": jnp.asarray(mu, jnp.float32), "logit_prior": jnp.zeros(3)}
+    z_cf, a0, a = ecinn.latent_step(lp, jnp.asarray(means, jnp.float32), jnp.asarray(z, jnp.float32), jnp.asarray(src), jnp.asarray(tgt), step="boundary")
+    for i in range(5):
+        p_, q = src[i], tgt[i]
+        w = (mu[q] - mu[p_]) / np.linalg.norm(mu[q] - mu[p_])
+        b = -0.5 * (mu[p_] + mu[q]) @ w
+        d = means[q] - means[p_]
+        want = (-b - w @ z[i]) / (w @ d)
+        np.testing.assert_allclose(float(a0[i]), want, rtol=1e-4)
+        # On the boundary: equidistant from both class means.
+        zc = np.asarray(z_cf[i], np.float64)
+        np.testing.assert_allclose(np.linalg.norm(zc - mu[p_]), np.linalg.norm(zc - mu[q]), rtol=1e-4)
+    assert float(a[5]) == 0.0 and np.allclose(np.asarray(z_cf[5]), z[5], atol=1e-6)
+    # The step rules as functions of alpha0.
+    for rule, f in [("paper", lambda t: t + 0.8 * (1 - t)), ("code", lambda t: 0.8 + 0.5 * t), ("full", lambda t: np.ones_like(t))]:
+        _, a0r, ar = ecinn.latent_step(lp, jnp.asarray(means, jnp.float32), jnp.asarray(z, jnp.float32), jnp.asarray(src), jnp.asarray(tgt), step=rule)
+        np.testing.assert_allclose(np.asarray(ar[:5]), f(np.asarray(a0r[:5])), rtol=1e-5)
+
+
+def test_paper_step_crosses_the_boundary_in_latent_space(params):
+    x = jax.random.uniform(jax.random.PRNGKey(5), (32, 8, 8, 1))
+    z, _ = fc.encode(params, CFG, x)
+    y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, False), -1)
+    tgt = (y_pred + 1) % 4
+    z_cf, a0, a = ecinn.latent_step(params["latent"], params["latent"]["mu"], z, y_pred, tgt, "paper", "mu")
+    ok = np.asarray(a0) < 1.0  # the paper's rule overshoots the boundary whenever alpha0 < 1
+    assert ok.mean() > 0.5
+    # Past the pairwise p/q hyperplane: closer to mu_q than to mu_p (a third class may still win
+    # the argmax; validity over all classes is a property of the trained model, measured elsewhere).
+    d2 = np.asarray(latent_lib.squared_distances(params["latent"], z_cf))
+    rows = np.arange(len(d2))
+    assert np.all(d2[rows, np.asarray(tgt)][ok] < d2[rows, np.asarray(y_pred)][ok])
+
+
+def test_counterfactual_is_inverse_of_latent_move(params):
+    x = jax.random.uniform(jax.random.PRNGKey(6), (8, 8, 8, 1), minval=0.3, maxval=0.7)
+    out = ecinn.counterfactual(params, CFG, x, jnp.zeros(8, jnp.int32), step=0.0)  # alpha = 0: reconstruction
+    np.testing.assert_allclose(np.asarray(out["x_cf"]), np.asarray(x), atol=1e-4)
+    out = ecinn.counterfactual(params, CFG, x, jnp.full(8, 2, jnp.int32), step="full")
+    z_back, _ = fc.encode(params, CFG, fc.decode(params, CFG, out["z_cf"]))
+    np.testing.assert_allclose(np.asarray(z_back), np.asarray(out["z_cf"]), atol=1e-3)
+
+
+def test_vmap_equals_batched_and_jit(params):
+    x = jax.random.uniform(jax.random.PRNGKey(7), (6, 8, 8, 1))
+    t = jnp.array([0, 1, 2, 3, 0, 1])
+    batched = jax.jit(ecinn.counterfactual, static_argnums=1)(params, CFG, x, t)
+    one = lambda xi, ti: ecinn.counterfactual(params, CFG, xi[None], ti[None])["x_cf"][0]  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.vmap(one)(x, t)), np.asarray(batched["x_cf"]), atol=1e-5)
+
+
+def test_all_classes_in_one_call_matches_per_target(params):
+    x = jax.random.uniform(jax.random.PRNGKey(8), (3, 8, 8, 1))
+    allc = ecinn.counterfactuals_all_classes(params, CFG, x)
+    assert allc["x_cf"].shape == (3, 4, 8, 8, 1)
+    for t in range(4):
+        single = ecinn.counterfactual(params, CFG, x, jnp.full(3, t))
+        np.testing.assert_allclose(np.asarray(allc["x_cf"][:, t]), np.asarray(single["x_cf"]), atol=1e-5)
+
+
+def test_heatmap_against_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(size=(2, 4, 4, 3)), rng.uniform(size=(2, 4, 4, 3))
+    np.testing.assert_allclose(np.asarray(ecinn.heatmap(jnp.asarray(a), jnp.asarray(b))), np.abs(b - a).sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ecinn.heatmap(jnp.asarray(a), jnp.asarray(b), signed=True)), (b - a).sum(-1), rtol=1e-6)
+
+
+def test_bad_step_and_direction(params):
+    x = jnp.zeros((1, 8, 8, 1))
+    with pytest.raises(CfjaxError, match="step rule"):
+        ecinn.counterfactual(params, CFG, x, jnp.zeros(1, jnp.int32), step="nope")
+    with pytest.raises(CfjaxError, match="direction"):
+        ecinn.counterfactual(params, CFG, x, jnp.zeros(1, jnp.int32), direction="nope")

@@ -1,0 +1,78 @@
+"""The flow trainer: a short run, checkpoint round trip, resume after a kill, export."""
+
+import jax
+import numpy as np
+import pytest
+
+from cfjax.data import Dataset, load_dataset
+from cfjax.errors import CfjaxError, CheckpointError
+from cfjax.models import flow_classifier as fc
+from cfjax.models.glow import GlowConfig
+from cfjax.models.latent import LatentConfig
+from cfjax.pipelines import train_flow
+from cfjax.pipelines.training import fit
+
+CFG = fc.FlowClassifierConfig(
+    glow=GlowConfig(image_shape=(28, 28, 1), num_levels=2, steps_per_level=1, hidden_channels=8, max_hidden_channels=8),
+    latent=LatentConfig(num_classes=10, beta=4.0),
+)
+
+
+@pytest.fixture(scope="module")
+def small():
+    tr = load_dataset("mnist5k", "train")
+    te = load_dataset("mnist5k", "test")
+    return Dataset("mnist5k", "train", tr.images[:96], tr.labels[:96], 10), Dataset("mnist5k", "test", te.images[:50], te.labels[:50], 10)
+
+
+def _run(small, out, **kw):
+    train, test = small
+    spec = train_flow.build_spec(CFG, train, 1e-3, 6, seed=0)
+    return fit(spec, train, test, out, epochs=2, batch_size=32, seed=0, checkpoint_every=2, quiet=True, **kw)
+
+
+def _leaves(p):
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(p)]
+
+
+def test_train_save_load_and_resume_matches_uninterrupted(small, tmp_path):
+    full_state, metrics = _run(small, tmp_path / "full")
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_bits_per_dim"])
+    params, config, info = train_flow.load_flow(tmp_path / "full")
+    assert config == CFG and info["status"] == "complete"
+    for a, b in zip(_leaves(params), _leaves(full_state["params"])):
+        np.testing.assert_array_equal(a, b)
+    # The class means are the mean latents of the training images per predicted class.
+    z, _ = fc.encode(params, CFG, small[0].images)
+    pred = np.asarray(np.argmax(fc.class_logits(params, CFG, small[0].images), -1))
+    for c in np.unique(pred):
+        np.testing.assert_allclose(np.asarray(params["class_means"][c]), np.asarray(z)[pred == c].mean(0), atol=2e-4)
+
+    # Simulated kill after 3 of 6 steps, then --resume.
+    _, stopped = _run(small, tmp_path / "killed", max_steps=3)
+    assert stopped == {"stopped_at_step": 3}
+    with pytest.raises(CheckpointError, match="unfinished"):
+        train_flow.load_flow(tmp_path / "killed")
+    with pytest.raises(CfjaxError, match="already holds a model"):
+        _run(small, tmp_path / "killed")
+    resumed, _ = _run(small, tmp_path / "killed", resume=True)
+    for a, b in zip(_leaves(resumed["params"]), _leaves(full_state["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # Inference-only export loads to the same parameters and is smaller.
+    train_flow.export_inference_model(tmp_path / "full", tmp_path / "export")
+    p2, c2, i2 = train_flow.load_flow(tmp_path / "export")
+    assert i2["inference_only"] and c2 == CFG
+    for a, b in zip(_leaves(p2), _leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_without_checkpoint_and_bad_settings(small, tmp_path):
+    with pytest.raises(CfjaxError, match="no checkpoint to resume"):
+        _run(small, tmp_path / "empty", resume=True)
+    train, test = small
+    spec = train_flow.build_spec(CFG, train, 1e-3, 6, seed=0)
+    with pytest.raises(CfjaxError, match="epochs"):
+        fit(spec, train, test, tmp_path / "x", epochs=0, batch_size=32)
+    with pytest.raises(CfjaxError, match="larger than the training set"):
+        fit(spec, train, test, tmp_path / "x", epochs=1, batch_size=1000)
