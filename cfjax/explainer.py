@@ -24,8 +24,14 @@ from cfjax.data import validate_images
 class Explainer:
     """ECINN counterfactual explainer around a trained flow classifier."""
 
-    def __init__(self, params: dict, config, info: dict | None = None, step="paper", direction: str = "predicted_means"):
+    def __init__(self, params: dict, config, info: dict | None = None, step=None, direction: str = "predicted_means", refine: int | None = None):
+        """``step`` / ``refine`` default to the CLI's (``short`` with 2 refinement rounds);
+        ``step="paper", refine=0`` is the paper's exact two-pass method."""
         from cfjax.methods.ecinn import DIRECTIONS, _step_fn
+        from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP
+
+        step = DEFAULT_STEP if step is None else step
+        refine = DEFAULT_REFINE if refine is None else int(refine)
 
         _step_fn(step)
         if direction not in DIRECTIONS:
@@ -33,7 +39,7 @@ class Explainer:
 
             raise CfjaxError(f"unknown direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
         self.params, self.config, self.info = params, config, info or {}
-        self.step, self.direction = step, direction
+        self.step, self.direction, self.refine = step, direction, refine
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs) -> "Explainer":
@@ -72,7 +78,7 @@ class Explainer:
         """
         from cfjax.pipelines.explain_ecinn import explain_arrays
 
-        return explain_arrays(self.params, self.config, x, target, self.step, self.direction, batch_size)
+        return explain_arrays(self.params, self.config, x, target, self.step, self.direction, batch_size, refine=self.refine)
 
     def explain_all_classes(self, x) -> np.ndarray:
         """Counterfactuals of each image to every class: (N, H, W, C) -> (N, num_classes, H, W, C)."""

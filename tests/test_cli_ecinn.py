@@ -39,13 +39,13 @@ def test_explain_contract_on_shipped_model(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_fixed_target_and_other_step_rules(tmp_path):
+def test_fixed_target_and_the_papers_exact_rule(tmp_path):
     out = tmp_path / "cf.npz"
-    assert main(["explain", "ecinn", "--limit", "12", "--target", "3", "--step", "full", "--direction", "mu", "--out", str(out), "--quiet"]) == 0
+    assert main(["explain", "ecinn", "--limit", "30", "--target", "3", "--step", "paper", "--refine", "0", "--out", str(out), "--quiet"]) == 0
     d = np.load(out)
     assert np.all(d["y_target"] == 3)
     moved = d["y_pred"] != 3
-    assert np.mean(d["y_cf_pred"][moved] == 3) >= 0.9
+    assert np.mean(d["y_cf_pred"][moved] == 3) >= 0.75  # measured ~0.87 without refinement (README)
     # Queries already predicted as 3 are left as they are (reconstruction).
     np.testing.assert_allclose(d["x_cf"][~moved], d["x"][~moved], atol=1e-3)
 
@@ -54,7 +54,7 @@ def test_demo_writes_pictures_and_summary(tmp_path):
     code, stdout, stderr = cli("demo", "--out", str(tmp_path / "demo"), "--per-class", "3")
     assert code == 0, stderr
     s = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert s["validity"] >= 0.95 and s["counterfactuals"] == 3 * 10 * 9 - 0 or s["counterfactuals"] > 200
+    assert s["validity"] >= 0.95 and s["counterfactuals"] == 3 * 10 * 9  # each query to its 9 other classes
     for f in ("pairs.png", "grid.png", "demo.npz"):
         assert (tmp_path / "demo" / f).stat().st_size > 1000
     assert "validity" in stdout

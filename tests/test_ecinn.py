@@ -110,3 +110,36 @@ def test_bad_step_and_direction(params):
         ecinn.counterfactual(params, CFG, x, jnp.zeros(1, jnp.int32), step="nope")
     with pytest.raises(CfjaxError, match="direction"):
         ecinn.counterfactual(params, CFG, x, jnp.zeros(1, jnp.int32), direction="nope")
+
+
+@pytest.mark.parametrize("preprocess", ["logit", "affine"])
+def test_encode_logdet_includes_preprocessing(preprocess):
+    """log|det dz/dx| of the full model (preprocessing + flow) against jacfwd; decode inverts."""
+    cfg = fc.FlowClassifierConfig(
+        glow=GlowConfig(image_shape=(4, 4, 1), num_levels=1, steps_per_level=1, hidden_channels=4, max_hidden_channels=4),
+        latent=LatentConfig(num_classes=2),
+        preprocess=preprocess,
+    )
+    x = jax.random.uniform(jax.random.PRNGKey(0), (1, 4, 4, 1), minval=0.05, maxval=0.95)
+    p = fc.init_flow_classifier(jax.random.PRNGKey(1), cfg, jax.random.uniform(jax.random.PRNGKey(2), (8, 4, 4, 1)))
+    leaves, tree = jax.tree_util.tree_flatten(p["glow"])
+    p["glow"] = jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(jax.random.PRNGKey(i), l.shape) for i, l in enumerate(leaves)])
+    z, logdet = fc.encode(p, cfg, x)
+    jac = jax.jacfwd(lambda v: fc.encode(p, cfg, v.reshape(1, 4, 4, 1))[0].ravel())(x.ravel())
+    np.testing.assert_allclose(float(logdet[0]), float(jnp.linalg.slogdet(jac)[1]), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(fc.decode(p, cfg, z)), np.asarray(x), atol=1e-4)
+
+
+def test_logit_decoding_stays_near_the_pixel_range():
+    cfg = fc.FlowClassifierConfig(preprocess="logit", logit_alpha=0.01)
+    u = jnp.linspace(-50.0, 50.0, 101).reshape(1, 101, 1, 1)
+    x = fc.from_flow_space(cfg, u)
+    bound = 0.01 / 0.98
+    assert float(x.min()) >= -bound - 1e-6 and float(x.max()) <= 1 + bound + 1e-6
+
+
+def test_dequantize_noise_stays_in_range():
+    cfg = fc.FlowClassifierConfig()
+    x = jnp.concatenate([jnp.zeros(500), jnp.ones(500)])
+    y = fc.dequantize(jax.random.PRNGKey(0), cfg, x)
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0 and float(jnp.std(y)) > 0

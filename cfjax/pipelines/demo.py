@@ -22,7 +22,6 @@ import numpy as np
 
 from cfjax.data import load_dataset
 from cfjax.errors import CfjaxError
-from cfjax.methods import ecinn
 from cfjax.pipelines.explain_common import add_data_arguments, save_npz_atomic
 
 
@@ -112,11 +111,12 @@ def run(args) -> int:
 
     # Pictures: every class pair from one query per class, and a labelled grid.
     first = np.array([np.flatnonzero(test.labels == k)[0] for k in range(c)])
-    allc = ecinn.counterfactuals_all_classes(params, config, jnp.asarray(test.images[first]))
-    x_all = np.asarray(allc["x_cf"])
-    probs_all = np.asarray(probs_fn(jnp.asarray(x_all.reshape(c * c, *config.image_shape)))).reshape(c, c, c)
-    _pairs_figure(test.images[first], x_all, np.asarray(allc["y_pred"]), probs_all, out / "pairs.png",
-                  f"ECINN on {args.data}: one test digit per class (rows) turned into every class (columns)")
+    pairs = explain_arrays(params, config, np.repeat(test.images[first], c, 0), np.tile(np.arange(c, dtype=np.int32), c))
+    x_all = pairs["x_cf"].reshape(c, c, *config.image_shape)
+    probs_all = np.asarray(probs_fn(jnp.asarray(pairs["x_cf"]))).reshape(c, c, c)
+    _pairs_figure(test.images[first], x_all, pairs["y_pred"][::c], probs_all, out / "pairs.png",
+                  f"ECINN on {args.data}: one test digit per class (rows) turned into every class (columns); "
+                  f"number = p(column class), red = not valid")
     g = explain_arrays(params, config, test.images[:16], "next")
     save_counterfactual_grid(out / "grid.png", test.images[:16], g["x_cf"], g["y_pred"], g["y_target"], g["y_cf_pred"],
                              heatmap=g["heatmap"], p_pred=g["p_pred"], p_cf=g["p_cf"], title="ECINN: target = next class")

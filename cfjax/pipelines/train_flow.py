@@ -67,6 +67,7 @@ def flow_config_from_args(args, image_shape, num_classes) -> fc.FlowClassifierCo
         ),
         latent=LatentConfig(num_classes=num_classes, beta=args.beta),
         noise_sigma=args.noise_sigma,
+        preprocess=args.preprocess,
     )
 
 
@@ -190,6 +191,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta", type=float, default=8.0, help="IB trade-off: larger favours accuracy over likelihood (default 8)")
     p.add_argument("--noise-sigma", type=float, default=0.01)
+    p.add_argument("--preprocess", choices=("logit", "affine"), default="affine",
+                   help="map of [0, 1] pixels into the flow: affine (IB-INN's 2x-1, default) or logit (RealNVP; measured worse for ECINN here)")
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--steps-per-level", type=int, default=8)
     p.add_argument("--hidden", type=int, default=32, help="subnet width at level 0 (doubles per level)")
