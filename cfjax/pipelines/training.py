@@ -87,11 +87,15 @@ def fit(
 
     state = spec.init_state()
     start_step = 0
+    seconds_before = 0.0  # training time of the run(s) this one resumes
+    images_before = 0
     if resume:
         info = ckpt.read_model_info(out, expected_kind=spec.kind)
         if info["config"] != spec.config:
             raise CfjaxError(f"--resume: {out} was trained with another config; resume with the same options")
         state, meta, start_step = ckpt.load_checkpoint(out, state)
+        seconds_before = float(meta.get("train_seconds", 0.0))
+        images_before = int(meta.get("images_seen", 0))
         if meta.get("seed", seed) != seed or meta.get("batch_size", batch_size) != batch_size:
             raise CfjaxError(
                 f"--resume: {out} was trained with seed {meta.get('seed')} and batch size "
@@ -103,11 +107,13 @@ def fit(
     base_key = jax.random.PRNGKey(seed)
 
     def save(step: int, state) -> None:
-        ckpt.save_checkpoint(out, step, state, {"seed": seed, "batch_size": batch_size, "epochs": epochs})
+        elapsed = seconds_before + time.perf_counter() - t0
+        meta = {"seed": seed, "batch_size": batch_size, "epochs": epochs, "train_seconds": elapsed, "images_seen": images_before + images_seen}
+        ckpt.save_checkpoint(out, step, state, meta)
 
     history: list[dict] = []
     t0 = time.perf_counter()
-    images_seen = 0
+    images_seen = 0  # in this process
     step = start_step
     with progress_bar(total_steps, f"train {spec.kind}", disable=quiet) as bar:
         bar.advance(start_step)
@@ -134,11 +140,12 @@ def fit(
                 if max_steps is not None and step >= max_steps:
                     save(step, state)
                     return state, {"stopped_at_step": step}
-    train_seconds = time.perf_counter() - t0
+    train_seconds = seconds_before + time.perf_counter() - t0
+    images_total = images_before + images_seen
     if spec.finalize is not None:
         state = spec.finalize(state, train)
         save(step, state)
-    metrics = {"train_seconds": round(train_seconds, 2), "train_images_per_s": round(images_seen / max(train_seconds, 1e-9), 1)}
+    metrics = {"train_seconds": round(train_seconds, 2), "train_images_per_s": round(images_total / max(train_seconds, 1e-9), 1)}
     if test is not None:
         metrics.update({k: float(v) for k, v in spec.evaluate(state, test).items()})
     ckpt.write_model_info(

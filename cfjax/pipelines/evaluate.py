@@ -1,0 +1,427 @@
+"""Metrics table for a CF.npz written by any method (ECINN, DISC, ...).
+
+    cfjax evaluate CF.npz [--json OUT] [--oracle DIR|none] [--flow DIR|none] [--model DIR|auto|none]
+                          [--data mnist5k|none] [--threshold 0.1] [--pca-k 50] [--heatmap-limit 64]
+
+Always: validity, proximity (l1 = mean over images of the summed |x_cf - x|; l1_per_pixel = its
+mean per pixel value; l2; l2_per_pixel = RMS), sparsity, seconds_per_cf (when the file records
+``seconds``). With --data (default mnist5k; its train split is the reference): nn_distance to the
+nearest real image of the target class and pca_error, for the counterfactuals and, as a yardstick,
+for the queries. With an oracle classifier (default: the shipped ``<data>_oracle`` when there is
+one): oracle_agreement. With a flow (default: the shipped ``<data>_flow`` when the image shape
+matches): bits_per_dim. With a ``heatmap`` in the file and the explained model (--model, default:
+the model the file names): deletion / insertion AUC of the heatmap for the predicted class, next to
+gradient, gradient x input, integrated gradients and random heatmaps. With --data fakemnist5k:
+marker_mass (the share of the change that falls on the two class-marker pixels).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfjax import metrics as M
+from cfjax.errors import CfjaxError
+from cfjax.pipelines.explain_common import check_writable, load_cf_npz
+
+CONVENTIONS = {
+    "l1": "mean over images of sum |x_cf - x| over all H*W*C values",
+    "l1_per_pixel": "mean over images of mean |x_cf - x| per pixel value (l1 / (H*W*C))",
+    "l2": "mean over images of ||x_cf - x||_2 over all H*W*C values",
+    "l2_per_pixel": "mean over images of the RMS change per pixel value (l2 / sqrt(H*W*C))",
+    "sparsity": "fraction of H*W pixels whose change (max over channels) exceeds the threshold; lower = sparser",
+    "nn_distance": "L2 from each counterfactual to the nearest reference (train) image of its target class",
+    "pca_error": "L2 residual after projection on the top-k principal components of the reference images",
+    "bits_per_dim": "negative log-likelihood under the flow in bits per dimension; lower = more likely",
+    "deletion_auc": "area under p(predicted class) while pixels are set to 0 in heatmap order; lower = better",
+    "insertion_auc": "area under p(predicted class) while pixels are copied onto a black image; higher = better",
+    "marker_mass": "fraction of |x_cf - x| on the FakeMNIST marker pixels of the true and target class",
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A trained model as a pure function: ``apply(params, x (B, H, W, C)) -> logits (B, C)``."""
+
+    kind: str
+    path: Path
+    apply: Callable
+    params: object
+    image_shape: tuple
+    num_classes: int
+    bits_per_dim: Callable | None = None  # (params, x) -> (B,), flows only
+
+
+def load_model(model_dir) -> LoadedModel:
+    """Load a classifier or flow model directory (CheckpointError/CfjaxError on any problem)."""
+    from cfjax.checkpoint import read_model_info
+
+    model_dir = Path(model_dir)
+    kind = read_model_info(model_dir)["kind"]
+    if kind == "classifier":
+        from cfjax.pipelines.train_classifier import load_classifier
+
+        apply_fn, variables, config, _ = load_classifier(model_dir)
+        return LoadedModel(kind, model_dir, lambda v, x: apply_fn(v, x), variables, tuple(config.image_shape), config.num_classes)
+    if kind == "flow":
+        from cfjax.models import flow_classifier as fc
+        from cfjax.pipelines.train_flow import load_flow
+
+        params, config, _ = load_flow(model_dir)
+        return LoadedModel(
+            kind, model_dir, lambda p, x: fc.class_logits(p, config, x), params, tuple(config.image_shape),
+            config.num_classes, bits_per_dim=lambda p, x: fc.nll_bits_per_dim(p, config, x),
+        )
+    raise CfjaxError(f"{model_dir} holds a {kind!r} model; evaluate needs a 'classifier' or 'flow' model")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cf", metavar="CF.npz", help="counterfactuals written by `cfjax explain <method> --out`")
+    p.add_argument("--json", default=None, help="also write the metrics as JSON to this path")
+    p.add_argument("--data", default="mnist5k", help="dataset the counterfactuals come from: its train split is the realism reference; 'none' skips realism (default mnist5k)")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding a prepared copy (never downloads)")
+    p.add_argument("--oracle", default=None, help="independent classifier directory, or 'none' (default: the shipped <data>_oracle when there is one)")
+    p.add_argument("--flow", default=None, help="flow model directory for bits/dim, or 'none' (default: the shipped <data>_flow when there is one)")
+    p.add_argument("--model", default="auto", help="the explained model, for heatmap deletion/insertion: DIR, 'auto' (the model the CF.npz names, default) or 'none'")
+    p.add_argument("--threshold", type=float, default=0.1, help="change above which a pixel counts as changed for sparsity (default 0.1)")
+    p.add_argument("--pca-k", type=int, default=50, help="principal components for pca_error (default 50)")
+    p.add_argument("--heatmap-limit", type=int, default=64, help="queries used for the heatmap curves (default 64; 0 skips them)")
+    p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (default 32)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline heatmap")
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_contents(data: dict, path: str) -> None:
+    x, x_cf = data["x"], data["x_cf"]
+    n = x.shape[0]
+    if n == 0:
+        raise CfjaxError(f"{path} holds no counterfactuals (N = 0)")
+    for k in ("x", "x_cf"):
+        a = data[k]
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CfjaxError(f"{path}: {k} must be float images in [0, 1], got dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise CfjaxError(f"{path}: {k} contains NaN or infinite values")
+    for k in ("y", "y_pred", "y_target", "y_cf_pred"):
+        a = data[k]
+        if not np.issubdtype(a.dtype, np.integer):
+            raise CfjaxError(f"{path}: {k} must be integer class indices, got dtype {a.dtype}")
+        if a.min() < 0:
+            raise CfjaxError(f"{path}: {k} contains a negative class index ({int(a.min())})")
+    if "heatmap" in data:
+        h = data["heatmap"]
+        if h.shape not in (x.shape[:3], x.shape):
+            raise CfjaxError(f"{path}: heatmap must have shape {x.shape[:3]} to match x {x.shape}, got {h.shape}")
+        if not np.issubdtype(h.dtype, np.number) or not np.all(np.isfinite(h)):
+            raise CfjaxError(f"{path}: heatmap must be finite numbers")
+    if "seconds" in data:
+        s = data["seconds"]
+        if s.shape != () or not np.issubdtype(s.dtype, np.number) or not np.isfinite(s) or s < 0:
+            raise CfjaxError(f"{path}: seconds must be one non-negative number, got {s!r}")
+
+
+def _check_classes(data: dict, num_classes: int, what: str, path: str) -> None:
+    for k in ("y", "y_pred", "y_target"):
+        top = int(data[k].max())
+        if top >= num_classes:
+            raise CfjaxError(f"{path}: {k} contains class {top} but {what} has classes 0..{num_classes - 1}")
+
+
+def _resolve_default(spec, kind: str, dataset: str | None, notes: dict, group: str):
+    """--oracle/--flow: 'none' -> None; a path -> (path, explicit); default -> shipped model or None."""
+    if spec is not None and str(spec).lower() == "none":
+        notes[group] = f"--{group} none"
+        return None, False
+    if spec is not None:
+        return Path(spec), True
+    if dataset is None:
+        notes[group] = f"no --{group} given and --data none"
+        return None, False
+    from cfjax.pretrained import PRETRAINED_DIR
+
+    path = PRETRAINED_DIR / f"{dataset}_{kind}"
+    if not (path / "cfjax_model.json").exists():
+        notes[group] = f"no shipped {dataset}_{kind} model (pass --{group} DIR)"
+        return None, False
+    return path, False
+
+
+def _apply_fn(model: LoadedModel, fn: Callable) -> Callable:
+    """A jitted ``x -> fn(params, x)`` with the parameters as an argument (not baked-in constants)."""
+    jitted = jax.jit(fn)
+    return lambda x: jitted(model.params, x)
+
+
+# --------------------------------------------------------------------------------------------
+# metric groups
+
+
+def _mean(per_example) -> float:
+    """Mean of per-example values, accumulated in float64 (0.985, not 0.98499995)."""
+    return float(np.mean(np.asarray(per_example, np.float64)))
+
+
+def _basic(data: dict, threshold: float) -> dict:
+    x, x_cf = data["x"], data["x_cf"]
+    out = {
+        "validity": _mean(M.validity(data["y_cf_pred"], data["y_target"], reduce=False)),
+        "l1": _mean(M.proximity_l1(x, x_cf, reduce=False)),
+        "l1_per_pixel": _mean(M.proximity_l1_per_pixel(x, x_cf, reduce=False)),
+        "l2": _mean(M.proximity_l2(x, x_cf, reduce=False)),
+        "l2_per_pixel": _mean(M.proximity_l2_per_pixel(x, x_cf, reduce=False)),
+        "sparsity": _mean(M.sparsity(x, x_cf, threshold, reduce=False)),
+    }
+    if "seconds" in data:
+        out["seconds_per_cf"] = M.runtime_per_counterfactual(data["seconds"], len(x))
+    return out
+
+
+def _realism(data: dict, ref, pca_k: int, path: str) -> dict:
+    _check_classes(data, ref.num_classes, f"--data {ref.name}", path)
+    missing = sorted(set(np.unique(data["y_target"]).tolist()) - set(np.unique(ref.labels).tolist()))
+    if missing:
+        raise CfjaxError(f"--data {ref.name} train split has no image of target class(es) {missing}")
+    if pca_k <= 0:
+        raise CfjaxError(f"--pca-k must be positive, got {pca_k}")
+    k = min(pca_k, len(ref), int(np.prod(ref.image_shape)))
+    pca = M.fit_pca(ref.images, k)
+    return {
+        "nn_distance": _mean(M.nearest_neighbour_distance(data["x_cf"], ref.images, ref.labels, data["y_target"], reduce=False)),
+        "nn_distance_query": _mean(M.nearest_neighbour_distance(data["x"], ref.images, ref.labels, data["y"], reduce=False)),
+        "pca_error": _mean(M.pca_reconstruction_error(data["x_cf"], pca, reduce=False)),
+        "pca_error_query": _mean(M.pca_reconstruction_error(data["x"], pca, reduce=False)),
+        "pca_k": k,
+    }
+
+
+def _heatmap_metrics(data: dict, model: LoadedModel, limit: int, steps: int, ig_steps: int, batch_size: int, seed: int) -> dict:
+    n = min(limit, len(data["x"]))
+    x = np.asarray(data["x"][:n], np.float32)
+    cls = np.asarray(data["y_pred"][:n], np.int32)
+    maps = {
+        "": np.asarray(data["heatmap"][:n], np.float32),
+        "_random": np.random.default_rng(seed).random(x.shape[:3]).astype(np.float32),
+    }
+    apply = model.apply
+
+    @jax.jit
+    def attributions(params, xb, cb):
+        logits = lambda z: apply(params, z)  # noqa: E731
+        return {
+            "_gradient": M.gradient_saliency(logits, xb, cb),
+            "_gradient_x_input": jnp.sum(M.gradient_x_input(logits, xb, cb), -1),
+            "_integrated_gradients": jnp.sum(M.integrated_gradients(logits, xb, cb, ig_steps), -1),
+        }
+
+    @jax.jit
+    def curves(params, xb, hb, cb):
+        proba = lambda z: jax.nn.softmax(apply(params, z), -1)  # noqa: E731
+        return M.deletion_curve(proba, xb, hb, cb, steps).auc, M.insertion_curve(proba, xb, hb, cb, steps).auc
+
+    bs = max(1, min(batch_size, n))
+    chunks = [(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+    def pad(a):
+        return a if len(a) == bs else np.concatenate([a, np.repeat(a[-1:], bs - len(a), 0)])
+
+    attr = {k: [] for k in ("_gradient", "_gradient_x_input", "_integrated_gradients")}
+    for i, j in chunks:
+        out = attributions(model.params, pad(x[i:j]), pad(cls[i:j]))
+        for k in attr:
+            attr[k].append(np.asarray(out[k])[: j - i])
+    maps.update({k: np.concatenate(v) for k, v in attr.items()})
+    res = {"heatmap_n": n}
+    for name, h in maps.items():
+        dels, ins = [], []
+        for i, j in chunks:
+            d, a = curves(model.params, pad(x[i:j]), pad(h[i:j]), pad(cls[i:j]))
+            dels.append(np.asarray(d)[: j - i])
+            ins.append(np.asarray(a)[: j - i])
+        res[f"deletion_auc{name}"] = _mean(np.concatenate(dels))
+        res[f"insertion_auc{name}"] = _mean(np.concatenate(ins))
+    return res
+
+
+def _fakemnist(data: dict, path: str) -> dict:
+    h = data["x"].shape[1]
+    top = int(max(data["y"].max(), data["y_target"].max()))
+    if top >= h:
+        raise CfjaxError(f"{path}: class {top} has no FakeMNIST marker row in {h}-row images")
+    classes = np.stack([data["y"], data["y_target"]], 1).astype(np.int32)
+    out = {"marker_mass": _mean(M.marker_mass(data["x_cf"] - data["x"], classes, reduce=False))}
+    if "heatmap" in data:
+        out["marker_mass_heatmap"] = _mean(M.marker_mass(data["heatmap"], classes, reduce=False))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# table
+
+
+ROWS = [
+    ("validity", "x_cf the explained model puts in the target class (higher = better)"),
+    ("l1", "mean over images of the SUM of |x_cf - x| over all H*W*C values"),
+    ("l1_per_pixel", "l1 / (H*W*C): mean |x_cf - x| per pixel value"),
+    ("l2", "mean over images of ||x_cf - x||_2"),
+    ("l2_per_pixel", "l2 / sqrt(H*W*C): RMS change per pixel value"),
+    ("sparsity", "pixels changed by > {threshold} (lower = sparser)"),
+    ("seconds_per_cf", "recorded generation time per counterfactual (s)"),
+    ("oracle_agreement", "x_cf an independent oracle puts in the target class"),
+    ("oracle_accuracy_query", "yardstick: oracle accuracy on the queries"),
+    ("nn_distance", "L2 to the nearest train image of the target class"),
+    ("nn_distance_query", "yardstick: the same for the queries (true class)"),
+    ("pca_error", "L2 residual off the top-{pca_k} PCA subspace of train images"),
+    ("pca_error_query", "yardstick: the same for the queries"),
+    ("bits_per_dim", "bits/dim of x_cf under the flow (lower = more likely)"),
+    ("bits_per_dim_query", "yardstick: the same for the queries"),
+    ("deletion_auc", "heatmap: p(pred) as top pixels are deleted (lower = better)"),
+    ("insertion_auc", "heatmap: p(pred) as top pixels are inserted (higher = better)"),
+    ("deletion_auc_gradient", "baseline: gradient saliency"),
+    ("insertion_auc_gradient", "baseline: gradient saliency"),
+    ("deletion_auc_gradient_x_input", "baseline: gradient x input"),
+    ("insertion_auc_gradient_x_input", "baseline: gradient x input"),
+    ("deletion_auc_integrated_gradients", "baseline: integrated gradients"),
+    ("insertion_auc_integrated_gradients", "baseline: integrated gradients"),
+    ("deletion_auc_random", "baseline: random heatmap"),
+    ("insertion_auc_random", "baseline: random heatmap"),
+    ("marker_mass", "FakeMNIST: share of |x_cf - x| on the two marker pixels (ideal 1)"),
+    ("marker_mass_heatmap", "FakeMNIST: share of the heatmap on the two marker pixels"),
+]
+
+
+def _print_table(result: dict, notes: dict, title: str, threshold: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("meaning", overflow="fold")
+    for key, meaning in ROWS:
+        if key in result:
+            v = result[key]
+            table.add_row(key, f"{v:.4g}", meaning.format(threshold=threshold, pca_k=result.get("pca_k", "k")))
+    con = Console()
+    con.print(table)
+    if "heatmap_n" in result:
+        con.print(f"heatmap curves on the first {result['heatmap_n']} queries, class = the explained model's prediction")
+    for group, why in notes.items():
+        con.print(f"skipped {group}: {why}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(data: dict, path: str, data_name: str | None, data_dir=None, oracle=None, flow=None, model="auto",
+             threshold: float = 0.1, pca_k: int = 50, heatmap_limit: int = 64, steps: int = 20, ig_steps: int = 32,
+             batch_size: int = 256, seed: int = 0) -> tuple[dict, dict]:
+    """All metrics that apply to a checked CF.npz dict: (metrics, notes on what was skipped and why)."""
+    from cfjax.data import load_dataset
+
+    if batch_size <= 0:
+        raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
+    if heatmap_limit < 0:
+        raise CfjaxError(f"--heatmap-limit must be >= 0, got {heatmap_limit}")
+    if steps <= 0 or ig_steps <= 0:
+        raise CfjaxError(f"--steps and --ig-steps must be positive, got {steps} and {ig_steps}")
+    image_shape = tuple(data["x"].shape[1:])
+    notes: dict = {}
+    res = _basic(data, threshold)
+
+    if data_name is not None:
+        ref = load_dataset(data_name, "train", data_dir)
+        if ref.image_shape != image_shape:
+            raise CfjaxError(f"--data {data_name} images are {ref.image_shape} but {path} holds {image_shape}; pass the dataset the counterfactuals came from (or --data none)")
+        res.update(_realism(data, ref, pca_k, path))
+        if data_name.startswith("fakemnist"):
+            res.update(_fakemnist(data, path))
+    else:
+        notes["realism"] = "--data none"
+
+    oracle_dir, _ = _resolve_default(oracle, "oracle", data_name, notes, "oracle")
+    if oracle_dir is not None:
+        om = load_model(oracle_dir)
+        if om.image_shape != image_shape:
+            raise CfjaxError(f"oracle {oracle_dir} expects images {om.image_shape} but {path} holds {image_shape}")
+        _check_classes(data, om.num_classes, f"the oracle {oracle_dir}", path)
+        predict = _apply_fn(om, om.apply)
+        res["oracle_agreement"] = _mean(M.oracle_agreement(predict, data["x_cf"], data["y_target"], batch_size, reduce=False))
+        res["oracle_accuracy_query"] = _mean(M.oracle_agreement(predict, data["x"], data["y"], batch_size, reduce=False))
+
+    flow_dir, explicit = _resolve_default(flow, "flow", data_name, notes, "flow")
+    if flow_dir is not None:
+        fm = load_model(flow_dir)
+        if fm.bits_per_dim is None:
+            raise CfjaxError(f"--flow {flow_dir} holds a {fm.kind!r} model, not a flow")
+        if fm.image_shape != image_shape:
+            if explicit:
+                raise CfjaxError(f"flow {flow_dir} expects images {fm.image_shape} but {path} holds {image_shape}")
+            notes["flow"] = f"shipped flow expects {fm.image_shape}, the file holds {image_shape}"
+        else:
+            bpd = _apply_fn(fm, fm.bits_per_dim)
+            res["bits_per_dim"] = _mean(M.flow_bits_per_dim(bpd, data["x_cf"], batch_size, reduce=False))
+            res["bits_per_dim_query"] = _mean(M.flow_bits_per_dim(bpd, data["x"], batch_size, reduce=False))
+
+    if "heatmap" not in data:
+        notes["heatmap"] = "the CF.npz has no heatmap"
+    elif heatmap_limit == 0:
+        notes["heatmap"] = "--heatmap-limit 0"
+    elif str(model).lower() == "none":
+        notes["heatmap"] = "--model none"
+    else:
+        model_dir = None
+        if str(model).lower() == "auto":
+            named = str(data["model"]) if "model" in data and data["model"].shape == () else None
+            if named and (Path(named) / "cfjax_model.json").exists():
+                model_dir = Path(named)
+            else:
+                notes["heatmap"] = "no --model given and the CF.npz names no existing model directory"
+        else:
+            model_dir = Path(model)
+        if model_dir is not None:
+            em = load_model(model_dir)
+            if em.image_shape != image_shape:
+                raise CfjaxError(f"--model {model_dir} expects images {em.image_shape} but {path} holds {image_shape}")
+            _check_classes(data, em.num_classes, f"the model {model_dir}", path)
+            res.update(_heatmap_metrics(data, em, heatmap_limit, steps, ig_steps, batch_size, seed))
+            res["heatmap_model"] = str(model_dir)
+
+    out = {}
+    for k, v in res.items():
+        out[k] = v if isinstance(v, str) else (int(v) if isinstance(v, (int, np.integer)) else float(v))
+    return out, notes
+
+
+def run(args) -> int:
+    from cfjax.checkpoint import write_json_atomic
+
+    json_path = check_writable(args.json, "--json") if args.json else None
+    data = load_cf_npz(args.cf)
+    _check_contents(data, args.cf)
+    data_name = None if str(args.data).lower() == "none" else args.data
+    res, notes = evaluate(
+        data, args.cf, data_name, args.data_dir, args.oracle, args.flow, args.model, args.threshold, args.pca_k,
+        args.heatmap_limit, args.steps, args.ig_steps, args.batch_size, args.seed,
+    )
+    method = str(data["method"]) if "method" in data and data["method"].shape == () else "unknown"
+    n = int(data["x"].shape[0])
+    _print_table(res, notes, f"{args.cf}: {n} counterfactuals ({method})", args.threshold)
+    if json_path is not None:
+        payload = {
+            "file": str(args.cf), "method": method, "n": n, "data": data_name, "threshold": args.threshold,
+            **res, "conventions": CONVENTIONS, "skipped": notes,
+        }
+        write_json_atomic(json_path, payload)
+        print(f"metrics -> {json_path}")
+    return 0
