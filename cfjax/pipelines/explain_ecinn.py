@@ -120,9 +120,9 @@ def run(args) -> int:
     check_writable(args.out)
     if args.png:
         check_writable(args.png, "--png")
+    queries = load_queries(args)  # first: an unknown dataset is named as such
     model_dir = args.model or default_model_dir("flow", args.data)
     params, config, info = load_flow(model_dir)
-    queries = load_queries(args)
     if queries.image_shape != config.image_shape:
         raise CfjaxError(f"--data {args.data} images are {queries.image_shape} but the model {model_dir} expects {config.image_shape}")
     t0 = time.perf_counter()
