@@ -1,7 +1,5 @@
 """Invertibility, log-determinants (against jacfwd) and config validation of the Glow layers/network."""
 
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -235,37 +233,3 @@ def test_bad_input_shapes():
         glow_inverse(params, cfg, jnp.zeros((1, 63)))
     with pytest.raises(CfjaxError):
         GlowConfig.from_dict({"nonsense": 1})
-
-
-@pytest.mark.skipif(not os.environ.get("CFJAX_BENCH"), reason="set CFJAX_BENCH=1 to print timings (~1 min)")
-def test_print_default_speed():
-    """Prints (does not assert) compile time and throughput of the default config at batch 64."""
-    cfg = GlowConfig()
-    x = jax.random.uniform(jax.random.PRNGKey(0), (64, 28, 28, 1))
-    params = init_glow(jax.random.PRNGKey(1), cfg, x)
-    def loss(p, x):
-        z, ld = glow_forward(p, cfg, x)
-        return jnp.mean(0.5 * jnp.sum(z**2, 1) - ld)
-
-    grad = jax.jit(jax.value_and_grad(loss))
-    t = time.perf_counter()
-    jax.block_until_ready(grad(params, x))
-    t_grad = time.perf_counter() - t
-    fwd = jax.jit(glow_forward, static_argnums=1)
-    inv = jax.jit(glow_inverse, static_argnums=1)
-    t = time.perf_counter()
-    z, _ = jax.block_until_ready(fwd(params, cfg, x))
-    jax.block_until_ready(inv(params, cfg, z))
-    t_comp = time.perf_counter() - t
-
-    def rate(f, *a, n=3):
-        t = time.perf_counter()
-        for _ in range(n):
-            jax.block_until_ready(f(*a))
-        return n * 64 / (time.perf_counter() - t)
-
-    print(
-        f"\n[glow default, B=64, CPU] compile fwd+inv {t_comp:.1f}s, compile+run fwd+grad {t_grad:.1f}s; "
-        f"forward {rate(fwd, params, cfg, x):.0f} img/s, inverse {rate(inv, params, cfg, z):.0f} img/s, "
-        f"fwd+grad {rate(grad, params, x):.0f} img/s; params {num_params(params)}"
-    )
