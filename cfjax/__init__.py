@@ -15,4 +15,25 @@ from cfjax.explainer import Explainer
 
 __version__ = "0.1.0"
 
-__all__ = ["CfjaxError", "CheckpointError", "Explainer", "__version__"]
+__all__ = ["CfjaxError", "CheckpointError", "Explainer", "__version__", *sorted(["glow", "flows", "latent", "flow_classifier", "ecinn", "disc", "metrics", "data"])]
+
+# The pure-function modules, importable as attributes (cfjax.ecinn.counterfactual, ...), loaded
+# on first use so that `import cfjax` stays light.
+_LAZY = {
+    "glow": "cfjax.models.glow",
+    "flows": "cfjax.models.flows",
+    "latent": "cfjax.models.latent",
+    "flow_classifier": "cfjax.models.flow_classifier",
+    "ecinn": "cfjax.methods.ecinn",
+    "disc": "cfjax.methods.disc",
+    "metrics": "cfjax.metrics",
+    "data": "cfjax.data",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(_LAZY[name])
+    raise AttributeError(f"module 'cfjax' has no attribute {name!r}")

@@ -143,3 +143,11 @@ def test_dequantize_noise_stays_in_range():
     x = jnp.concatenate([jnp.zeros(500), jnp.ones(500)])
     y = fc.dequantize(jax.random.PRNGKey(0), cfg, x)
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0 and float(jnp.std(y)) > 0
+
+
+def test_package_exposes_the_pure_functions():
+    import cfjax
+
+    assert cfjax.ecinn.counterfactual is ecinn.counterfactual
+    assert cfjax.glow.glow_forward is not None and cfjax.latent.ib_loss is latent_lib.ib_loss
+    assert callable(cfjax.flows.actnorm.forward) and callable(cfjax.metrics.validity)

@@ -105,7 +105,7 @@ def run(args) -> int:
     np.add.at(matrix, (res["y_pred"][moved], targets[moved]), valid[moved])
     np.add.at(counts, (res["y_pred"][moved], targets[moved]), 1)
     save_npz_atomic(
-        out / "demo.npz", x=xs[moved], y=np.repeat(yq, c)[moved], method=np.array("ecinn"),
+        out / "demo.npz", x=xs[moved], y=np.repeat(yq, c)[moved], method=np.array("ecinn"), model=np.array(str(model_dir)),
         seconds=np.float32(seconds * moved.mean()), **{k: v[moved] for k, v in res.items()},
     )
 
