@@ -1,0 +1,623 @@
+"""DISC: counterfactuals for a trained classifier by deep model inversion (Thiagarajan et al., 2021).
+
+Given only a classifier F (any Flax linen model, ideally with BatchNorm), a query x and a target
+class y', optimise an image x_bar = render(phi) (see :mod:`cfjax.models.priors`) to minimise
+
+    L = lambda_cf   * target_class_loss(F(x_bar), y')          reach the target (CE or a target prob.)
+      + lambda_feat * feature_proximity(F_l(x_bar), F_l(x))     keep the query's classifier features
+      + lambda_mc   * manifold_consistency(K(x_bar), y')        DUQ kernel of the target class
+      + lambda_bn   * bn_statistics_loss(...)                   DeepInversion BatchNorm statistics
+      + lambda_tv   * total_variation(x_bar) + lambda_l2 * l2_prior(x_bar)
+      + lambda_l1   * pixel_proximity(x_bar, x)
+
+Each term is its own pure function below (per-example values, batch = leading axis).
+:func:`generate` runs the whole optimisation for N queries at once: one ``jax.jit`` per stage,
+``jax.vmap`` over examples, ``lax.scan`` over steps, Optax Adam with a cosine schedule;
+progressive stages raise the target probability (warm-starting each from the last) and give a
+trajectory (S, N, H, W, C); the best iterate that reaches the target with margin is kept.
+
+BatchNorm conventions (``bn_convention``):
+
+- ``"image"`` (the default): the statistics of a BN layer's input are taken over (H, W) of each
+  image separately, so every query is optimised independently. This is what ``jax.vmap`` over
+  single examples gives by construction (inside vmap each call sees a batch of one image), and
+  :func:`generate` uses the vmapped per-example path for it. BN layers whose inputs have no
+  spatial axes (after a Dense layer) have no per-image statistics and are skipped.
+- ``"batch"``: statistics over (N, H, W) of the whole batch (DeepInversion's original): the
+  examples are coupled, so :func:`generate` optimises the batch jointly (no per-example vmap),
+  and results depend on which queries share a batch. For a batch of one image the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cfjax.errors import CfjaxError
+from cfjax.models import priors as priors_lib
+
+BN_CONVENTIONS = ("image", "batch")
+TARGET_MODES = ("ce", "prob")
+MC_MODES = ("nll", "max")
+SCHEDULES = ("cosine", "constant")
+_TINY = 1e-30
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective terms: pure functions, batch on the leading axis.
+
+
+def target_class_loss(logits: jax.Array, target: jax.Array, mode: str = "ce", target_prob: float | jax.Array | None = None) -> jax.Array:
+    """Push F(x_bar) to class ``target``. logits (B, C), target (B,) int -> (B,).
+
+    ``"ce"``: cross-entropy -log p(y'|x_bar).
+    ``"prob"``: hinge on the log-probability gap to ``target_prob`` t in (0, 1]:
+    max(0, log t - log p(y'|x_bar)) = max(0, CE - (-log t)); zero once p(y') >= t, so a stage of
+    the progressive schedule asks for "at least t" and the other terms then keep the change small
+    (t = 1 is the cross-entropy itself).
+    """
+    logp = jax.nn.log_softmax(logits, -1)
+    lp = jnp.take_along_axis(logp, target[:, None].astype(jnp.int32), -1)[:, 0]
+    if mode == "ce":
+        return -lp
+    if mode == "prob":
+        if target_prob is None:
+            raise CfjaxError("target_class_loss mode 'prob' needs target_prob in (0, 1)")
+        return jax.nn.relu(jnp.log(target_prob) - lp)
+    raise CfjaxError(f"unknown target loss mode {mode!r}: choose one of {', '.join(TARGET_MODES)}")
+
+
+def feature_proximity(feats_cf: jax.Array, feats_query: jax.Array) -> jax.Array:
+    """Mean squared difference of classifier features (B, ...) and the query's (B, ...) -> (B,).
+
+    (= ||F_l(x_bar) - F_l(x)||^2 / D, so the weight does not depend on the layer width D.)
+    """
+    d = (feats_cf - feats_query).reshape(feats_cf.shape[0], -1)
+    return jnp.mean(d * d, -1)
+
+
+def manifold_consistency(K: jax.Array, target: jax.Array, mode: str = "nll", is_log: bool = False) -> jax.Array:
+    """Manifold consistency from DUQ kernel values K (B, C) in [0, 1] -> (B,).
+
+    ``"nll"``: -log K_{y'} (pull x_bar onto the target class centroid; with DUQ's RBF kernel this
+    is the squared distance to the centroid over 2 sigma^2). ``"max"``: 1 - max_c K_c (be
+    certain of some class, i.e. stay near the data). ``is_log=True``: K holds log K (exact far
+    from every centroid, where K itself underflows to 0 and its gradient vanishes).
+    """
+    log_k = K if is_log else jnp.log(jnp.maximum(K, _TINY))
+    if mode == "nll":
+        return -jnp.take_along_axis(log_k, target[:, None].astype(jnp.int32), -1)[:, 0]
+    if mode == "max":
+        return 1.0 - jnp.exp(jnp.max(log_k, -1))
+    raise CfjaxError(f"unknown manifold-consistency mode {mode!r}: choose one of {', '.join(MC_MODES)}")
+
+
+def _safe_norm(v: jax.Array, axis=-1) -> jax.Array:
+    # ||v||_2 with a finite gradient at v = 0.
+    return jnp.sqrt(jnp.sum(v * v, axis) + 1e-20)
+
+
+def bn_statistics_loss(
+    bn_inputs: Sequence[jax.Array],
+    running_stats: Sequence[tuple[jax.Array, jax.Array]],
+    convention: str = "image",
+    first_layer_weight: float = 10.0,
+) -> jax.Array:
+    """DeepInversion's BatchNorm-statistics term.
+
+    bn_inputs: per BN layer its INPUT, features last: (B, H, W, F) or (B, F) (see
+    :func:`capture`); running_stats: per layer (running mean (F,), running var (F,)).
+    Per layer: ||mu - mu_run||_2 + ||var - var_run||_2 with mu / var the mean / biased variance
+    over (B, H, W) (``"batch"``, returns a scalar) or over (H, W) of each image (``"image"``,
+    returns (B,); layers without spatial axes are skipped). The first BN layer is weighted by
+    ``first_layer_weight`` (10 in the DeepInversion reference code).
+    """
+    if convention not in BN_CONVENTIONS:
+        raise CfjaxError(f"unknown BatchNorm convention {convention!r}: choose one of {', '.join(BN_CONVENTIONS)}")
+    total = 0.0
+    for i, (h, (m_run, v_run)) in enumerate(zip(bn_inputs, running_stats)):
+        w = first_layer_weight if i == 0 else 1.0
+        if convention == "batch":
+            axes = tuple(range(h.ndim - 1))
+        else:
+            if h.ndim <= 2:
+                continue
+            axes = tuple(range(1, h.ndim - 1))
+        mu = jnp.mean(h, axes, keepdims=True)
+        var = jnp.mean((h - mu) ** 2, axes)
+        mu = jnp.squeeze(mu, axes)
+        total = total + w * (_safe_norm(mu - m_run) + _safe_norm(var - v_run))
+    if isinstance(total, float):  # no layer contributed
+        return jnp.zeros(bn_inputs[0].shape[:1]) if convention == "image" and bn_inputs else jnp.zeros(())
+    return total
+
+
+def total_variation(x: jax.Array) -> jax.Array:
+    """Mean squared differences between neighbouring pixels, summed over the horizontal,
+    vertical and both diagonal directions. x (B, H, W, C) -> (B,)."""
+    def msq(d):
+        return jnp.mean(d * d, (1, 2, 3))
+
+    return (
+        msq(x[:, :, 1:] - x[:, :, :-1])
+        + msq(x[:, 1:, :] - x[:, :-1, :])
+        + msq(x[:, 1:, 1:] - x[:, :-1, :-1])
+        + msq(x[:, 1:, :-1] - x[:, :-1, 1:])
+    )
+
+
+def l2_prior(x: jax.Array) -> jax.Array:
+    """Mean squared pixel value, x (B, H, W, C) -> (B,)."""
+    return jnp.mean(x * x, (1, 2, 3))
+
+
+def pixel_proximity(x: jax.Array, x_query: jax.Array, p: float = 1) -> jax.Array:
+    """Mean |x - x_query|^p per image: (B, H, W, C) twice -> (B,) (p=1: mean absolute change)."""
+    return jnp.mean(jnp.abs(x - x_query) ** p, (1, 2, 3))
+
+
+def reaches_target(probs: jax.Array, target: jax.Array, margin: float) -> jax.Array:
+    """p(y') - max_{c != y'} p(c) >= margin. probs (B, C), target (B,) -> (B,) bool."""
+    t = target[:, None].astype(jnp.int32)
+    pt = jnp.take_along_axis(probs, t, -1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(target, probs.shape[-1], dtype=bool), -jnp.inf, probs)
+    return pt - jnp.max(others, -1) >= margin
+
+
+# ----------------------------------------------------------------------------------------------
+# Running any Flax linen classifier while recording BatchNorm inputs and features.
+
+
+class Capture(NamedTuple):
+    """What one classifier call recorded. logits (B, C); per BN layer its input with the feature
+    axis last, (B, ..., F), and its running mean / var (F,); features (B, ...) or None."""
+
+    logits: jax.Array
+    bn_inputs: tuple
+    bn_stats: tuple
+    features: jax.Array | None
+
+
+def _bn_features_last(module: nn.BatchNorm, h: jax.Array) -> jax.Array:
+    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axes = tuple(int(a) % h.ndim for a in axes)
+    if 0 in axes:
+        raise CfjaxError("a BatchNorm layer normalises over the batch axis 0: cfjax expects batch-first inputs")
+    rest = [a for a in range(h.ndim) if a not in axes]
+    h = jnp.transpose(h, rest + list(axes))
+    return h.reshape(h.shape[: len(rest)] + (-1,))
+
+
+def capture(
+    apply_fn: Callable,
+    variables: Any,
+    x: jax.Array,
+    apply_kwargs: dict | tuple | None = None,
+    feature_layer: str | None = "penultimate",
+) -> Capture:
+    """Run ``apply_fn(variables, x, **apply_kwargs) -> logits (B, C)`` recording, for every
+    ``nn.BatchNorm`` call, its input and running statistics (``batch_stats`` mean / var), and
+    the features of ``feature_layer``: ``"penultimate"`` = the input of the last ``nn.Dense``
+    called, ``"logits"``, a module name or path ("Conv_1", "encoder/Dense_0": its output), or
+    None. Pure (usable under jit/vmap/grad): uses ``flax.linen.intercept_methods``.
+
+    The classifier must run in evaluation mode (BatchNorm with ``use_running_average=True``);
+    pass e.g. ``apply_kwargs={"train": False}`` if ``apply_fn`` needs it.
+    """
+    kwargs = dict(apply_kwargs or {})
+    bn_inputs, bn_stats, feats = [], [], {}
+
+    def interceptor(next_fun, args, kw, ctx):
+        mod = ctx.module
+        if ctx.method_name == "__call__" and isinstance(mod, nn.BatchNorm):
+            ura = kw.get("use_running_average", args[1] if len(args) > 1 else None)
+            if not nn.merge_param("use_running_average", mod.use_running_average, ura):
+                raise CfjaxError(
+                    "the classifier runs BatchNorm in training mode; call it in evaluation mode "
+                    "(use_running_average=True, e.g. apply_kwargs={'train': False})"
+                )
+            h = args[0]
+            bn_inputs.append(_bn_features_last(mod, h))
+            bn_stats.append((mod.get_variable("batch_stats", "mean").reshape(-1), mod.get_variable("batch_stats", "var").reshape(-1)))
+        out = next_fun(*args, **kw)
+        if ctx.method_name == "__call__" and feature_layer not in (None, "logits"):
+            if feature_layer == "penultimate":
+                if isinstance(mod, nn.Dense):
+                    feats["f"] = args[0]
+            elif mod.name == feature_layer or "/".join(str(p) for p in mod.path) == feature_layer:
+                feats["f"] = out
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = apply_fn(variables, x, **kwargs)
+    if not hasattr(logits, "ndim") or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise CfjaxError(f"apply_fn must return logits of shape (B, C) = ({x.shape[0]}, C), got {getattr(logits, 'shape', type(logits))}")
+    if feature_layer == "logits":
+        features = logits
+    elif feature_layer is None:
+        features = None
+    else:
+        if "f" not in feats:
+            what = "no nn.Dense layer" if feature_layer == "penultimate" else f"no module named {feature_layer!r}"
+            raise CfjaxError(f"feature layer {feature_layer!r}: the classifier has {what}; choose another feature_layer or set lambda_feat 0")
+        features = feats["f"]
+    return Capture(logits, tuple(bn_inputs), tuple(bn_stats), features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclass(frozen=True)
+class DISCConfig:
+    """Every DISC setting (weights, schedule, prior, stages). Frozen and hashable (jit-static).
+
+    Weights: lambda_cf (target class), lambda_feat (classifier-feature proximity), lambda_mc
+    (DUQ manifold consistency; used only when a DUQ model is given), lambda_bn (BatchNorm
+    statistics), lambda_tv (total variation), lambda_l2 (l2 prior), lambda_l1 (l1 proximity).
+    steps: counterfactual steps in all (split evenly over the stages); lr: Adam learning rate
+    (None: the prior's default); schedule: "cosine" decay within each stage or "constant";
+    prior: "pixels" | "dip" | "inr" with ``prior_options`` ((field, value), ...) for its
+    dataclass; fit_steps / fit_lr: the MSE fit of a DIP/INR generator to the query;
+    progressive: raise p(y') through ``stages`` (target probabilities in (0, 1], 1 = plain
+    cross-entropy; each stage warm-starts from the last with a fresh Adam state and schedule)
+    instead of one cross-entropy stage; coarse_to_fine: (pixels prior) optimise
+    at half resolution in the first stage (or first half) then at full resolution; margin:
+    x_bar "reaches the target" when p(y') - max_{c != y'} p(c) >= margin; bn_convention: "image"
+    (per-example, vmapped) or "batch" (joint); feature_layer: see :func:`capture`.
+    """
+
+    # Defaults chosen by examples/disc_ablation.py (see examples/results/disc_ablation.md).
+    lambda_cf: float = 1.0
+    lambda_feat: float = 0.0
+    lambda_mc: float = 1.0
+    lambda_bn: float = 0.01
+    lambda_tv: float = 1.0
+    lambda_l2: float = 0.05
+    lambda_l1: float = 0.5
+    steps: int = 300
+    lr: float | None = None
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    prior: str = "inr"
+    prior_options: tuple = ()
+    fit_steps: int = 300
+    fit_lr: float | None = None
+    progressive: bool = True
+    stages: tuple[float, ...] = (0.5, 0.9, 0.999)
+    coarse_to_fine: bool = False
+    margin: float = 0.2
+    bn_convention: str = "image"
+    bn_first_layer_weight: float = 10.0
+    feature_layer: str = "penultimate"
+    mc_mode: str = "nll"
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name.startswith("lambda_") or f.name == "bn_first_layer_weight":
+                v = getattr(self, f.name)
+                if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                    raise CfjaxError(f"DISC weight {f.name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
+            raise CfjaxError(f"DISC steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.fit_steps, int) or self.fit_steps < 0:
+            raise CfjaxError(f"DISC fit_steps must be an integer >= 0, got {self.fit_steps!r}")
+        for name in ("lr", "fit_lr"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise CfjaxError(f"DISC {name} must be positive, got {v!r}")
+        if self.prior not in priors_lib.PRIORS:
+            raise CfjaxError(f"unknown prior {self.prior!r}: choose one of {', '.join(priors_lib.PRIORS)}")
+        try:
+            opts = tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in dict(self.prior_options).items())
+            object.__setattr__(self, "prior_options", opts)
+            self.make_prior()
+        except TypeError as e:
+            raise CfjaxError(f"bad prior_options for prior {self.prior!r}: {e}") from None
+        if self.schedule not in SCHEDULES:
+            raise CfjaxError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise CfjaxError(f"DISC betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        stages = tuple(float(s) for s in self.stages)
+        if self.progressive and (not stages or not all(0 < s <= 1 for s in stages) or any(b <= a for a, b in zip(stages, stages[1:]))):
+            raise CfjaxError(f"DISC stages must be increasing target probabilities in (0, 1], got {self.stages!r}")
+        object.__setattr__(self, "stages", stages)
+        if self.progressive and self.steps < len(stages):
+            raise CfjaxError(f"DISC steps ({self.steps}) must be at least the number of progressive stages ({len(stages)})")
+        if self.coarse_to_fine and self.prior != "pixels":
+            raise CfjaxError(f"coarse_to_fine is implemented for the pixels prior only, not {self.prior!r}")
+        if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
+            raise CfjaxError(f"DISC margin must be in [0, 1), got {self.margin!r}")
+        if self.bn_convention not in BN_CONVENTIONS:
+            raise CfjaxError(f"unknown bn_convention {self.bn_convention!r}: choose one of {', '.join(BN_CONVENTIONS)}")
+        if self.mc_mode not in MC_MODES:
+            raise CfjaxError(f"unknown mc_mode {self.mc_mode!r}: choose one of {', '.join(MC_MODES)}")
+
+    def make_prior(self) -> priors_lib.Prior:
+        return priors_lib.make_prior(self.prior, **dict(self.prior_options))
+
+    def replace(self, **changes) -> "DISCConfig":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimisation.
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything static about one jitted stage (hashable)."""
+
+    apply_fn: Callable
+    apply_kwargs: tuple
+    kernel_fn: Callable | None
+    prior: Any
+    config: DISCConfig
+    mode: str
+    steps: int
+    lr: float
+    use_bn: bool
+    use_feat: bool
+
+
+def _image_objective(x, xq, fq, t, target_prob, variables, duq_variables, spec: _Spec):
+    """Objective for rendered images x (N, H, W, C) -> (total (), per-example (N,), probs (N, C))."""
+    cfg = spec.config
+    cap = capture(spec.apply_fn, variables, x, spec.apply_kwargs, cfg.feature_layer if spec.use_feat else None)
+    per_ex = cfg.lambda_cf * target_class_loss(cap.logits, t, spec.mode, target_prob)
+    if spec.use_feat:
+        per_ex = per_ex + cfg.lambda_feat * feature_proximity(cap.features, fq)
+    if spec.kernel_fn is not None and cfg.lambda_mc > 0:
+        per_ex = per_ex + cfg.lambda_mc * manifold_consistency(spec.kernel_fn(duq_variables, x), t, cfg.mc_mode, is_log=True)
+    if cfg.lambda_tv > 0:
+        per_ex = per_ex + cfg.lambda_tv * total_variation(x)
+    if cfg.lambda_l2 > 0:
+        per_ex = per_ex + cfg.lambda_l2 * l2_prior(x)
+    if cfg.lambda_l1 > 0:
+        per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, xq, 1)
+    total = 0.0
+    if spec.use_bn:
+        bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.bn_first_layer_weight)
+        if cfg.bn_convention == "image":
+            per_ex = per_ex + cfg.lambda_bn * bn
+        else:
+            total = cfg.lambda_bn * bn
+    return total + jnp.mean(per_ex), per_ex, jax.nn.softmax(cap.logits, -1)
+
+
+def _loss_one(params, aux, xq, fq, t, tp, variables, duq_variables, spec):
+    """One example (no batch axis): the vmapped per-image path."""
+    x = spec.prior.render(params, aux)[None]
+    fq1 = None if fq is None else fq[None]
+    total, per_ex, probs = _image_objective(x, xq[None], fq1, t[None], tp, variables, duq_variables, spec)
+    return total, (per_ex[0], probs[0], x[0])
+
+
+def _loss_batch(params, aux, xq, fq, t, tp, variables, duq_variables, spec):
+    """All examples jointly (BatchNorm statistics over the batch)."""
+    x = jax.vmap(spec.prior.render)(params, aux)
+    total, per_ex, probs = _image_objective(x, xq, fq, t, tp, variables, duq_variables, spec)
+    return total, (per_ex, probs, x)
+
+
+def _expand(m, x):
+    return jnp.reshape(m, jnp.shape(m) + (1,) * (x.ndim - jnp.ndim(m)))
+
+
+def _make_tx(cfg: DISCConfig, steps: int, lr: float):
+    sched = optax.cosine_decay_schedule(lr, steps, alpha=0.02) if cfg.schedule == "cosine" else lr
+    return optax.adam(sched, b1=cfg.betas[0], b2=cfg.betas[1])
+
+
+def _run_stage(params, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
+    """``spec.steps`` Adam steps in one ``lax.scan``; tracks the best iterate reaching the target.
+
+    Works on one example (vmapped) or on the batch. Returns (params, best image, best found,
+    last image, last probs).
+    """
+    loss_fn = _loss_one if spec.config.bn_convention == "image" else _loss_batch
+    tx = _make_tx(spec.config, spec.steps, spec.lr)
+    margin = spec.config.margin
+    tt = jnp.atleast_1d(t)
+
+    def update_best(best, per_ex, probs, x):
+        b_loss, b_x, b_found = best
+        ok = reaches_target(jnp.atleast_2d(probs), tt, margin).reshape(jnp.shape(per_ex))
+        better = ok & (per_ex < b_loss)
+        return jnp.where(better, per_ex, b_loss), jnp.where(_expand(better, x), x, b_x), b_found | ok
+
+    def body(carry, _):
+        p, s, best = carry
+        (_, (per_ex, probs, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, aux, xq, fq, t, tp, variables, duq_variables, spec)
+        best = update_best(best, per_ex, probs, x)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s, best), None
+
+    _, (per0, _, x0) = loss_fn(params, aux, xq, fq, t, tp, variables, duq_variables, spec)
+    best0 = (jnp.full(jnp.shape(per0), jnp.inf), x0, jnp.zeros(jnp.shape(per0), bool))
+    (params, _, best), _ = jax.lax.scan(body, (params, tx.init(params), best0), None, length=spec.steps)
+    _, (per_ex, probs, x) = loss_fn(params, aux, xq, fq, t, tp, variables, duq_variables, spec)
+    best = update_best(best, per_ex, probs, x)
+    return params, best[1], best[2], x, probs
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _stage_jit(params, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
+    if spec.config.bn_convention == "image":
+        run = partial(_run_stage, spec=spec)
+        fq_axis = None if fq is None else 0
+        return jax.vmap(run, in_axes=(0, 0, 0, fq_axis, 0, None, None, None))(params, aux, xq, fq, t, tp, variables, duq_variables)
+    return _run_stage(params, aux, xq, fq, t, tp, variables, duq_variables, spec)
+
+
+@partial(jax.jit, static_argnames=("prior", "steps", "lr"))
+def _fit_jit(params, aux, xq, prior, steps: int, lr: float):
+    return jax.vmap(lambda p, a, q: priors_lib.fit_to_query(prior, p, a, q, steps, lr))(params, aux, xq)
+
+
+@partial(jax.jit, static_argnames=("prior",))
+def _init_jit(keys, xq, prior):
+    return jax.vmap(prior.init)(keys, xq)
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "apply_kwargs", "feature_layer"))
+def _capture_jit(variables, x, apply_fn, apply_kwargs, feature_layer):
+    cap = capture(apply_fn, variables, x, apply_kwargs, feature_layer)
+    return cap.logits, cap.features
+
+
+def _bn_input_shapes(apply_fn, variables, x, apply_kwargs) -> list[tuple[int, ...]]:
+    """Shapes of the BatchNorm inputs (features last) of one classifier call, without running it."""
+    shapes = jax.eval_shape(lambda v, xx: capture(apply_fn, v, xx, apply_kwargs, None).bn_inputs, variables, x)
+    return [tuple(s.shape) for s in shapes]
+
+
+def _freeze_kwargs(apply_kwargs) -> tuple:
+    if apply_kwargs is None:
+        return ()
+    items = tuple(sorted(dict(apply_kwargs).items()))
+    try:
+        hash(items)
+    except TypeError:
+        raise CfjaxError("apply_kwargs values must be hashable (e.g. {'train': False})") from None
+    return items
+
+
+def _example_keys(key, n: int) -> jax.Array:
+    """One key -> n split keys; n keys (typed (n,) or raw (n, 2)) are used as they are."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single_ndim = 0 if typed else 1
+    if key.ndim == single_ndim:
+        return jax.random.split(key, n)
+    if key.ndim == single_ndim + 1 and key.shape[0] == n:
+        return key
+    raise CfjaxError(f"key must be one PRNG key or one per query ({n}), got shape {key.shape}")
+
+
+def predict_proba(apply_fn: Callable, variables: Any, x: jax.Array, apply_kwargs: dict | None = None) -> jax.Array:
+    """softmax(apply_fn(variables, x, **apply_kwargs)): (N, H, W, C) -> (N, num_classes)."""
+    logits, _ = _capture_jit(variables, jnp.asarray(x), apply_fn, _freeze_kwargs(apply_kwargs), None)
+    return jax.nn.softmax(logits, -1)
+
+
+def generate(
+    apply_fn: Callable,
+    variables: Any,
+    x,
+    targets,
+    config: DISCConfig = DISCConfig(),
+    duq: tuple[Callable, Any] | None = None,
+    key: jax.Array | None = None,
+    apply_kwargs: dict | None = None,
+) -> dict:
+    """DISC counterfactuals of queries x (N, H, W, C) in [0, 1] towards ``targets`` (N,).
+
+    apply_fn(variables, x, **apply_kwargs) -> logits (N, C) is the classifier (any Flax linen
+    model in evaluation mode); ``duq = (log_kernel_fn, duq_variables)`` with
+    log_kernel_fn(duq_variables, x) -> log K (N, C) (e.g. :func:`cfjax.models.duq.duq_log_kernel`
+    with its config bound) enables manifold consistency. ``key``: one PRNG key (split per query;
+    default ``jax.random.key(config.seed)``) or one key per query (N,).
+
+    Returns a dict of arrays: x_cf (N, H, W, C) (the best iterate reaching the target with
+    margin in the latest stage that had one, else the last iterate); trajectory (S, N, H, W, C)
+    (one image per stage / phase, same rule per stage); stage_success (S, N) bool; success (N,)
+    bool; y_pred, y_cf_pred (N,) int32; p_pred (N,) (probability of y_pred on x); p_cf (N,)
+    (probability of the target on x_cf); probs_cf (N, C); fit_mse (N,) (generator fit to the
+    query; 0 for pixels).
+    """
+    from cfjax.data import validate_images, validate_targets
+
+    cfg = config
+    if not isinstance(cfg, DISCConfig):
+        raise CfjaxError(f"config must be a DISCConfig, got {type(cfg).__name__}")
+    xq = jnp.asarray(validate_images(x, None, "queries"))
+    n = xq.shape[0]
+    kw = _freeze_kwargs(apply_kwargs)
+    use_feat = cfg.lambda_feat > 0
+    logits_q, feats_q = _capture_jit(variables, xq, apply_fn, kw, cfg.feature_layer if use_feat else None)
+    bn_shapes = _bn_input_shapes(apply_fn, variables, xq[:1], kw)
+    num_classes = logits_q.shape[-1]
+    t = jnp.asarray(validate_targets(targets, num_classes, n))
+    use_bn = cfg.lambda_bn > 0
+    if use_bn and not bn_shapes:
+        raise CfjaxError("the classifier has no BatchNorm layers; set --bn-weight 0")
+    if use_bn and cfg.bn_convention == "image" and all(len(s) <= 2 for s in bn_shapes):
+        raise CfjaxError("the classifier's BatchNorm layers have no spatial axes, so per-image statistics are undefined; use bn_convention 'batch' or set --bn-weight 0")
+    kernel_fn, duq_vars = (None, None)
+    if duq is not None:
+        if not (isinstance(duq, tuple) and len(duq) == 2 and callable(duq[0])):
+            raise CfjaxError("duq must be a pair (log_kernel_fn, duq_variables) with log_kernel_fn(duq_variables, x) -> log K (N, C)")
+        kernel_fn, duq_vars = duq
+    keys = _example_keys(jax.random.key(cfg.seed) if key is None else key, n)
+    prior = cfg.make_prior()
+    lr = float(cfg.lr or prior.default_lr)
+    probs_q = jax.nn.softmax(logits_q, -1)
+
+    # Generator priors: fit to the query first. Coarse-to-fine starts on a half-resolution grid.
+    if cfg.coarse_to_fine:
+        prior = dataclasses.replace(prior, factor=2)
+    params, aux = _init_jit(keys, xq, prior)
+    fit_mse = jnp.zeros((n,), xq.dtype)
+    if prior.needs_fit and cfg.fit_steps > 0:
+        params, fit_mse = _fit_jit(params, aux, xq, prior, cfg.fit_steps, float(cfg.fit_lr or prior.default_lr))
+
+    # Stages: (mode, target probability, steps).
+    if cfg.progressive:
+        per = cfg.steps // len(cfg.stages)
+        plan = [("prob", s, per + (1 if i < cfg.steps % len(cfg.stages) else 0)) for i, s in enumerate(cfg.stages)]
+    else:
+        plan = [("ce", 1.0, cfg.steps)]
+    if cfg.coarse_to_fine and len(plan) == 1:
+        mode, tp, st = plan[0]
+        plan = [(mode, tp, max(1, st // 2)), (mode, tp, max(1, st - st // 2))]
+
+    stage_cfg = dataclasses.replace(cfg, seed=0, fit_steps=0, fit_lr=None)  # fewer recompilations
+    traj, found_all = [], []
+    x_cf = found_any = None
+    for i, (mode, tp, st) in enumerate(plan):
+        if cfg.coarse_to_fine and i == 1:
+            prior = dataclasses.replace(prior, factor=1)
+            params, aux = _refine_jit(params, aux, prior)
+        spec = _Spec(apply_fn, kw, kernel_fn, prior, stage_cfg, mode, int(st), lr, use_bn, use_feat)
+        params, best_x, found, last_x, _ = _stage_jit(params, aux, xq, feats_q, t, jnp.float32(tp), variables, duq_vars, spec)
+        stage_x = jnp.where(_expand(found, best_x), best_x, last_x)
+        traj.append(stage_x)
+        found_all.append(found)
+        if x_cf is None:
+            x_cf, found_any = stage_x, found
+        else:
+            # A later stage replaces x_cf where it reached the target, or where nothing has yet.
+            take = found | ~found_any
+            x_cf = jnp.where(_expand(take, stage_x), stage_x, x_cf)
+            found_any = found_any | found
+    probs_cf = predict_proba(apply_fn, variables, x_cf, dict(kw))
+    return {
+        "x_cf": x_cf,
+        "trajectory": jnp.stack(traj),
+        "stage_success": jnp.stack(found_all),
+        "success": reaches_target(probs_cf, t, cfg.margin),
+        "y_pred": jnp.argmax(probs_q, -1).astype(jnp.int32),
+        "p_pred": jnp.max(probs_q, -1),
+        "y_target": t,
+        "y_cf_pred": jnp.argmax(probs_cf, -1).astype(jnp.int32),
+        "p_cf": jnp.take_along_axis(probs_cf, t[:, None], -1)[:, 0],
+        "probs_cf": probs_cf,
+        "fit_mse": fit_mse,
+    }
+
+
+@partial(jax.jit, static_argnames=("fine",))
+def _refine_jit(params, aux, fine):
+    return jax.vmap(lambda p, a: fine.refine(p, a)[1:])(params, aux)
