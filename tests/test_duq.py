@@ -227,26 +227,25 @@ def test_cli_bad_inputs_one_line_exit_2(capsys, tmp_path):
 CLF = ClassifierConfig(arch="cnn", width=4, hidden=8)
 
 
-def test_batchnorm_input_statistics_match_numpy():
+def test_inversion_bn_term_is_batch_statistics_with_first_layer_weight():
+    # The BN term reuses DISC's capture; check its wiring (batch convention, first-layer weight)
+    # against numpy statistics of the captured BatchNorm inputs.
+    from cfjax.methods import disc
+
     v = init_classifier(jax.random.PRNGKey(0), CLF)
     rng = np.random.default_rng(0)
-    # Non-trivial running statistics, so the recorded ones are checked against the right layer.
     v = {**v, "batch_stats": jax.tree_util.tree_map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), jnp.float32), v["batch_stats"])}
-    x = rng.uniform(size=(5, 28, 28, 1)).astype(np.float32)
-    logits, records = syn.batchnorm_input_statistics(classifier_apply(CLF), v, jnp.asarray(x))
-    np.testing.assert_allclose(logits, classifier_apply(CLF)(v, jnp.asarray(x)), rtol=1e-6)
-    assert len(records) == 5
-    k = np.asarray(v["params"]["conv1"]["kernel"], np.float64)
-    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    h = sum(np.einsum("bhwc,cd->bhwd", xp[:, i : i + 28, j : j + 28], k[i, j]) for i in range(3) for j in range(3))
-    mu, var, rmu, rvar = records[0]
-    np.testing.assert_allclose(mu, h.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(var, h.var((0, 1, 2)), rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(rmu, v["batch_stats"]["bn1"]["mean"])
-    np.testing.assert_array_equal(rvar, v["batch_stats"]["bn1"]["var"])
-    for (mu, _, rmu, _), name in zip(records, ("bn1", "bn2", "bn3", "bn4", "bn5")):
-        np.testing.assert_array_equal(rmu, v["batch_stats"][name]["mean"])
-    assert records[-1][0].shape == (8,)  # the dense layer's BN
+    x = jnp.asarray(rng.uniform(size=(5, 28, 28, 1)).astype(np.float32))
+    cfg = syn.InversionConfig(first_bn_multiplier=7.0)
+    _, aux = syn.inversion_loss(classifier_apply(CLF), v, cfg, x, jnp.zeros(5, jnp.int32))
+    cap = disc.capture(classifier_apply(CLF), v, x, feature_layer=None)
+    assert len(cap.bn_inputs) == 5
+    ref = 0.0
+    for i, (h, (rm, rv)) in enumerate(zip(cap.bn_inputs, cap.bn_stats)):
+        h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
+        term = np.linalg.norm(h.mean(0) - np.asarray(rm)) + np.linalg.norm(h.var(0) - np.asarray(rv))
+        ref += (7.0 if i == 0 else 1.0) * term
+    np.testing.assert_allclose(float(aux["bn"]), ref, rtol=1e-4)
 
 
 def test_total_variation_matches_numpy():
