@@ -167,6 +167,87 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
     return Dataset(name, split, images, labels, num_classes)
 
 
+class SplitReader:
+    """Random access to one split without holding it in memory: ``read(start, stop)``.
+
+    ``read`` returns images (stop - start, H, W, C) float32 in [0, 1] and labels (stop - start,)
+    int32, the same values :func:`load_dataset` gives for those indices (uint8 pixels / 255). The
+    embedded datasets are small and in memory anyway; tfds splits are read item by item through
+    ``tfds.data_source`` (random access over array_record files), so only one chunk is decoded
+    at a time.
+    """
+
+    def __init__(self, name: str, split: str, length: int, image_shape: tuple, num_classes: int | None, read_fn):
+        self.name, self.split = name, split
+        self._length, self.image_shape, self.num_classes = int(length), tuple(image_shape), num_classes
+        self._read = read_fn
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = max(0, int(start)), min(int(stop), self._length)
+        if stop <= start:
+            raise CfjaxError(f"empty read [{start}, {stop}) from {self.name}/{self.split} ({self._length} examples)")
+        return self._read(start, stop)
+
+
+def _tfds_chunk(items: list) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([np.asarray(it["image"]) for it in items])
+    labels = np.asarray([int(it["label"]) for it in items], np.int32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    else:  # float images are taken as they are (validated to lie in [0, 1] before use)
+        images = images.astype(np.float32)
+    return images, labels
+
+
+def open_split(name: str = "mnist5k", split: str = "test", data_dir: str | os.PathLike | None = None) -> SplitReader:
+    """A :class:`SplitReader` over ``split`` of ``name`` (CfjaxError as :func:`load_dataset`)."""
+    if not isinstance(name, str) or not name:
+        raise CfjaxError(f"dataset name must be a non-empty string, got {name!r}")
+    if name in EMBEDDED:
+        ds = _load_embedded(name, split)
+        return SplitReader(name, split, len(ds), ds.image_shape, ds.num_classes,
+                           lambda a, b: (ds.images[a:b].copy(), ds.labels[a:b].copy()))
+    import tensorflow_datasets as tfds
+
+    data_dir = None if data_dir is None else str(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        raise CfjaxError(f"unknown dataset {name!r}: choose one of {', '.join(available_datasets())} (or another tfds name)") from e
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "split" in msg.lower() and "unknown" in msg.lower():
+            raise CfjaxError(f"unknown split {split!r} for {name}: {msg}") from e
+        raise CfjaxError(_tfds_help(name, data_dir)) from e
+    return reader_from_source(name, split, source, _num_classes(builder))
+
+
+def _num_classes(builder) -> int | None:
+    try:
+        return int(builder.info.features["label"].num_classes)
+    except Exception:
+        return None
+
+
+def reader_from_source(name: str, split: str, source, num_classes: int | None = None) -> SplitReader:
+    """A :class:`SplitReader` over any random-access sequence of ``{"image", "label"}`` dicts."""
+    n = len(source)
+    if n == 0:
+        raise CfjaxError(f"dataset {name!r} split {split!r} is empty")
+    first = source[0]
+    if "image" not in first or "label" not in first:
+        raise CfjaxError(f"dataset {name!r} has no 'image'/'label' features: not an image-classification dataset")
+    shape = _tfds_chunk([first])[0].shape[1:]
+    return SplitReader(name, split, n, shape, num_classes, lambda a, b: _tfds_chunk([source[i] for i in range(a, b)]))
+
+
 def load_dataset(name: str = "mnist5k", split: str = "train", data_dir: str | os.PathLike | None = None) -> Dataset:
     """Load ``split`` of dataset ``name`` as a :class:`Dataset` (float32 [0, 1], NHWC)."""
     if not isinstance(name, str) or not name:

@@ -528,7 +528,9 @@ def generate(
     model in evaluation mode); ``duq = (log_kernel_fn, duq_variables)`` with
     log_kernel_fn(duq_variables, x) -> log K (N, C) (e.g. :func:`cfjax.models.duq.duq_log_kernel`
     with its config bound) enables manifold consistency. ``key``: one PRNG key (split per query;
-    default ``jax.random.key(config.seed)``) or one key per query (N,).
+    default ``jax.random.key(config.seed)``) or one key per query (N,). Queries, targets and
+    keys passed as jax Arrays keep their placement, so a batch sharded over a ``Mesh`` (see
+    cfjax.pipelines.sharding) runs data-parallel under the same jits.
 
     Returns a dict of arrays: x_cf (N, H, W, C) (the best iterate reaching the target with
     margin in the latest stage that had one, else the last iterate); trajectory (S, N, H, W, C)
@@ -543,6 +545,8 @@ def generate(
     if not isinstance(cfg, DISCConfig):
         raise CfjaxError(f"config must be a DISCConfig, got {type(cfg).__name__}")
     xq = jnp.asarray(validate_images(x, None, "queries"))
+    if isinstance(x, jax.Array) and x.dtype == jnp.float32:
+        xq = x  # keep the caller's placement (e.g. a batch sharded over a Mesh)
     n = xq.shape[0]
     kw = _freeze_kwargs(apply_kwargs)
     use_feat = cfg.lambda_feat > 0
@@ -550,6 +554,8 @@ def generate(
     bn_shapes = _bn_input_shapes(apply_fn, variables, xq[:1], kw)
     num_classes = logits_q.shape[-1]
     t = jnp.asarray(validate_targets(targets, num_classes, n))
+    if isinstance(targets, jax.Array) and targets.dtype == jnp.int32 and targets.shape == (n,):
+        t = targets  # keep the caller's placement
     use_bn = cfg.lambda_bn > 0
     if use_bn and not bn_shapes:
         raise CfjaxError("the classifier has no BatchNorm layers; set --bn-weight 0")

@@ -35,6 +35,7 @@ with its running ``mean``/``var`` in the ``batch_stats`` collection (Flax moment
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -178,8 +179,12 @@ def init_classifier(key: jax.Array, config: ClassifierConfig) -> dict:
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
+@functools.lru_cache(maxsize=32)
 def classifier_apply(config: ClassifierConfig) -> Callable:
     """``apply_fn(variables, x (B, H, W, C), train=False) -> logits (B, C)``.
+
+    One function per config (cached): code that takes ``apply_fn`` as a static jit argument
+    (cfjax.methods.disc) then reuses its compilations when the same model is loaded again.
 
     Eval mode uses the running statistics. ``train=True`` normalises with the batch's own
     statistics and discards their running-average update.

@@ -1,6 +1,6 @@
 """Metrics table for a CF.npz written by any method (ECINN, DISC, ...).
 
-    cfjax evaluate CF.npz [--json OUT] [--oracle DIR|none] [--flow DIR|none] [--model DIR|auto|none]
+    cfjax evaluate CF.npz|SHARD_DIR [--json OUT] [--oracle DIR|none] [--flow DIR|none] [--model DIR|auto|none]
                           [--data mnist5k|none] [--threshold 0.1] [--pca-k 50] [--heatmap-limit 64]
 
 Always: validity, proximity (l1 = mean over images of the summed |x_cf - x|; l1_per_pixel = its
@@ -13,6 +13,11 @@ matches): bits_per_dim. With a ``heatmap`` in the file and the explained model (
 the model the file names): deletion / insertion AUC of the heatmap for the predicted class, next to
 gradient, gradient x input, integrated gradients and random heatmaps. With --data fakemnist5k:
 marker_mass (the share of the change that falls on the two class-marker pixels).
+
+A shard directory (``cfjax explain ... --shards``) is read one verified shard at a time: the
+per-example metrics are summed and divided by N at the end, the heatmap curves use the first
+--heatmap-limit queries, seconds_per_cf uses the manifest's recorded generation time. Memory
+holds one shard plus the reference data, not the whole run.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def load_model(model_dir) -> LoadedModel:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cf", metavar="CF.npz", help="counterfactuals written by `cfjax explain <method> --out`")
+    p.add_argument("cf", metavar="CF.npz", help="counterfactuals written by `cfjax explain <method> --out`: a CF.npz, or a shard directory (or its manifest.json) written with --shards")
     p.add_argument("--json", default=None, help="also write the metrics as JSON to this path")
     p.add_argument("--data", default="mnist5k", help="dataset the counterfactuals come from: its train split is the realism reference; 'none' skips realism (default mnist5k)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding a prepared copy (never downloads)")
@@ -172,39 +177,6 @@ def _mean(per_example) -> float:
     return float(np.mean(np.asarray(per_example, np.float64)))
 
 
-def _basic(data: dict, threshold: float) -> dict:
-    x, x_cf = data["x"], data["x_cf"]
-    out = {
-        "validity": _mean(M.validity(data["y_cf_pred"], data["y_target"], reduce=False)),
-        "l1": _mean(M.proximity_l1(x, x_cf, reduce=False)),
-        "l1_per_pixel": _mean(M.proximity_l1_per_pixel(x, x_cf, reduce=False)),
-        "l2": _mean(M.proximity_l2(x, x_cf, reduce=False)),
-        "l2_per_pixel": _mean(M.proximity_l2_per_pixel(x, x_cf, reduce=False)),
-        "sparsity": _mean(M.sparsity(x, x_cf, threshold, reduce=False)),
-    }
-    if "seconds" in data:
-        out["seconds_per_cf"] = M.runtime_per_counterfactual(data["seconds"], len(x))
-    return out
-
-
-def _realism(data: dict, ref, pca_k: int, path: str) -> dict:
-    _check_classes(data, ref.num_classes, f"--data {ref.name}", path)
-    missing = sorted(set(np.unique(data["y_target"]).tolist()) - set(np.unique(ref.labels).tolist()))
-    if missing:
-        raise CfjaxError(f"--data {ref.name} train split has no image of target class(es) {missing}")
-    if pca_k <= 0:
-        raise CfjaxError(f"--pca-k must be positive, got {pca_k}")
-    k = min(pca_k, len(ref), int(np.prod(ref.image_shape)))
-    pca = M.fit_pca(ref.images, k)
-    return {
-        "nn_distance": _mean(M.nearest_neighbour_distance(data["x_cf"], ref.images, ref.labels, data["y_target"], reduce=False)),
-        "nn_distance_query": _mean(M.nearest_neighbour_distance(data["x"], ref.images, ref.labels, data["y"], reduce=False)),
-        "pca_error": _mean(M.pca_reconstruction_error(data["x_cf"], pca, reduce=False)),
-        "pca_error_query": _mean(M.pca_reconstruction_error(data["x"], pca, reduce=False)),
-        "pca_k": k,
-    }
-
-
 def _heatmap_metrics(data: dict, model: LoadedModel, limit: int, steps: int, ig_steps: int, batch_size: int, seed: int) -> dict:
     n = min(limit, len(data["x"]))
     x = np.asarray(data["x"][:n], np.float32)
@@ -253,15 +225,15 @@ def _heatmap_metrics(data: dict, model: LoadedModel, limit: int, steps: int, ig_
     return res
 
 
-def _fakemnist(data: dict, path: str) -> dict:
+def _fakemnist_per_example(data: dict, path: str) -> dict:
     h = data["x"].shape[1]
     top = int(max(data["y"].max(), data["y_target"].max()))
     if top >= h:
         raise CfjaxError(f"{path}: class {top} has no FakeMNIST marker row in {h}-row images")
     classes = np.stack([data["y"], data["y_target"]], 1).astype(np.int32)
-    out = {"marker_mass": _mean(M.marker_mass(data["x_cf"] - data["x"], classes, reduce=False))}
+    out = {"marker_mass": M.marker_mass(data["x_cf"] - data["x"], classes, reduce=False)}
     if "heatmap" in data:
-        out["marker_mass_heatmap"] = _mean(M.marker_mass(data["heatmap"], classes, reduce=False))
+        out["marker_mass_heatmap"] = M.marker_mass(data["heatmap"], classes, reduce=False)
     return out
 
 
@@ -327,7 +299,25 @@ def evaluate(data: dict, path: str, data_name: str | None, data_dir=None, oracle
              threshold: float = 0.1, pca_k: int = 50, heatmap_limit: int = 64, steps: int = 20, ig_steps: int = 32,
              batch_size: int = 256, seed: int = 0) -> tuple[dict, dict]:
     """All metrics that apply to a checked CF.npz dict: (metrics, notes on what was skipped and why)."""
-    from cfjax.data import load_dataset
+    return evaluate_chunks([data], path, data_name, data_dir, oracle, flow, model, threshold, pca_k, heatmap_limit,
+                           steps, ig_steps, batch_size, seed)
+
+
+def _sum(per_example) -> float:
+    """Sum of per-example values in float64 (sum / N equals :func:`_mean` of the concatenation)."""
+    return float(np.sum(np.asarray(per_example, np.float64)))
+
+
+def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, oracle=None, flow=None, model="auto",
+                    threshold: float = 0.1, pca_k: int = 50, heatmap_limit: int = 64, steps: int = 20, ig_steps: int = 32,
+                    batch_size: int = 256, seed: int = 0, seconds: float | None = None) -> tuple[dict, dict]:
+    """The metrics of :func:`evaluate` over an iterable of checked CF.npz dicts (e.g. shards).
+
+    Only one chunk is held at a time: every per-example metric is summed in float64 and divided
+    by N at the end (for a single chunk this is exactly the mean); the heatmap curves use the
+    first ``heatmap_limit`` queries. ``seconds`` (the whole run's generation time) overrides the
+    chunks' own for ``seconds_per_cf``.
+    """
 
     if batch_size <= 0:
         raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
@@ -335,17 +325,116 @@ def evaluate(data: dict, path: str, data_name: str | None, data_dir=None, oracle
         raise CfjaxError(f"--heatmap-limit must be >= 0, got {heatmap_limit}")
     if steps <= 0 or ig_steps <= 0:
         raise CfjaxError(f"--steps and --ig-steps must be positive, got {steps} and {ig_steps}")
-    image_shape = tuple(data["x"].shape[1:])
     notes: dict = {}
-    res = _basic(data, threshold)
+    sums: dict = {}
+    n_total = 0
+    first = None
+    ctx: dict = {}
+    heat: dict = {"x": [], "y_pred": [], "heatmap": []}
+    chunk_seconds = 0.0
 
+    def add(key, per_example):
+        sums[key] = sums.get(key, 0.0) + _sum(per_example)
+
+    for data in chunks:
+        if first is None:
+            first = data
+            image_shape = tuple(data["x"].shape[1:])
+            ctx = _setup(data, path, data_name, data_dir, oracle, flow, pca_k, batch_size, notes, image_shape)
+        elif tuple(data["x"].shape[1:]) != image_shape:
+            raise CfjaxError(f"{path}: a shard holds images {tuple(data['x'].shape[1:])}, the first holds {image_shape}")
+        x, x_cf = data["x"], data["x_cf"]
+        n_total += len(x)
+        add("validity", M.validity(data["y_cf_pred"], data["y_target"], reduce=False))
+        add("l1", M.proximity_l1(x, x_cf, reduce=False))
+        add("l1_per_pixel", M.proximity_l1_per_pixel(x, x_cf, reduce=False))
+        add("l2", M.proximity_l2(x, x_cf, reduce=False))
+        add("l2_per_pixel", M.proximity_l2_per_pixel(x, x_cf, reduce=False))
+        add("sparsity", M.sparsity(x, x_cf, threshold, reduce=False))
+        if "seconds" in data:
+            chunk_seconds += float(data["seconds"])
+        if "ref" in ctx:
+            ref, pca = ctx["ref"], ctx["pca"]
+            _check_classes(data, ref.num_classes, f"--data {ref.name}", path)
+            missing = sorted(set(np.unique(data["y_target"]).tolist()) - ctx["ref_classes"])
+            if missing:
+                raise CfjaxError(f"--data {ref.name} train split has no image of target class(es) {missing}")
+            add("nn_distance", M.nearest_neighbour_distance(x_cf, ref.images, ref.labels, data["y_target"], reduce=False))
+            add("nn_distance_query", M.nearest_neighbour_distance(x, ref.images, ref.labels, data["y"], reduce=False))
+            add("pca_error", M.pca_reconstruction_error(x_cf, pca, reduce=False))
+            add("pca_error_query", M.pca_reconstruction_error(x, pca, reduce=False))
+            if data_name.startswith("fakemnist"):
+                for k, v in _fakemnist_per_example(data, path).items():
+                    add(k, v)
+        if "oracle" in ctx:
+            om, predict = ctx["oracle"]
+            _check_classes(data, om.num_classes, f"the oracle {om.path}", path)
+            add("oracle_agreement", M.oracle_agreement(predict, x_cf, data["y_target"], batch_size, reduce=False))
+            add("oracle_accuracy_query", M.oracle_agreement(predict, x, data["y"], batch_size, reduce=False))
+        if "bpd" in ctx:
+            add("bits_per_dim", M.flow_bits_per_dim(ctx["bpd"], x_cf, batch_size, reduce=False))
+            add("bits_per_dim_query", M.flow_bits_per_dim(ctx["bpd"], x, batch_size, reduce=False))
+        if "heatmap" in first and "heatmap" in data:
+            have = sum(len(h) for h in heat["x"])
+            take = max(0, heatmap_limit - have)
+            for k in heat:
+                heat[k].append(np.asarray(data[k][:take]))
+        elif "heatmap" in first:
+            raise CfjaxError(f"{path}: the first shard has a heatmap and a later one has none")
+    if first is None:
+        raise CfjaxError(f"{path} holds no counterfactuals")
+
+    res = {k: v / n_total for k, v in sums.items()}
+    total_seconds = seconds if seconds is not None else (chunk_seconds if "seconds" in first else None)
+    if total_seconds is not None:
+        res["seconds_per_cf"] = M.runtime_per_counterfactual(total_seconds, n_total)
+    if "ref" in ctx:
+        res["pca_k"] = ctx["pca_k"]
+
+    if "heatmap" not in first:
+        notes["heatmap"] = "the CF.npz has no heatmap"
+    elif heatmap_limit == 0:
+        notes["heatmap"] = "--heatmap-limit 0"
+    elif str(model).lower() == "none":
+        notes["heatmap"] = "--model none"
+    else:
+        model_dir = None
+        if str(model).lower() == "auto":
+            named = str(first["model"]) if "model" in first and first["model"].shape == () else None
+            if named and (Path(named) / "cfjax_model.json").exists():
+                model_dir = Path(named)
+            else:
+                notes["heatmap"] = "no --model given and the CF.npz names no existing model directory"
+        else:
+            model_dir = Path(model)
+        if model_dir is not None:
+            hd = {k: np.concatenate(v) for k, v in heat.items()}
+            em = load_model(model_dir)
+            if em.image_shape != image_shape:
+                raise CfjaxError(f"--model {model_dir} expects images {em.image_shape} but {path} holds {image_shape}")
+            _check_classes(first, em.num_classes, f"the model {model_dir}", path)
+            res.update(_heatmap_metrics(hd, em, heatmap_limit, steps, ig_steps, batch_size, seed))
+            res["heatmap_model"] = str(model_dir)
+
+    out = {}
+    for k, v in res.items():
+        out[k] = v if isinstance(v, str) else (int(v) if isinstance(v, (int, np.integer)) else float(v))
+    return out, notes
+
+
+def _setup(first: dict, path: str, data_name, data_dir, oracle, flow, pca_k: int, batch_size: int, notes: dict, image_shape) -> dict:
+    """Load once what the per-chunk metrics need: reference data + PCA, oracle, flow."""
+    from cfjax.data import load_dataset
+
+    ctx: dict = {}
     if data_name is not None:
         ref = load_dataset(data_name, "train", data_dir)
         if ref.image_shape != image_shape:
             raise CfjaxError(f"--data {data_name} images are {ref.image_shape} but {path} holds {image_shape}; pass the dataset the counterfactuals came from (or --data none)")
-        res.update(_realism(data, ref, pca_k, path))
-        if data_name.startswith("fakemnist"):
-            res.update(_fakemnist(data, path))
+        if pca_k <= 0:
+            raise CfjaxError(f"--pca-k must be positive, got {pca_k}")
+        k = min(pca_k, len(ref), int(np.prod(ref.image_shape)))
+        ctx.update(ref=ref, pca=M.fit_pca(ref.images, k), pca_k=k, ref_classes=set(np.unique(ref.labels).tolist()))
     else:
         notes["realism"] = "--data none"
 
@@ -354,10 +443,7 @@ def evaluate(data: dict, path: str, data_name: str | None, data_dir=None, oracle
         om = load_model(oracle_dir)
         if om.image_shape != image_shape:
             raise CfjaxError(f"oracle {oracle_dir} expects images {om.image_shape} but {path} holds {image_shape}")
-        _check_classes(data, om.num_classes, f"the oracle {oracle_dir}", path)
-        predict = _apply_fn(om, om.apply)
-        res["oracle_agreement"] = _mean(M.oracle_agreement(predict, data["x_cf"], data["y_target"], batch_size, reduce=False))
-        res["oracle_accuracy_query"] = _mean(M.oracle_agreement(predict, data["x"], data["y"], batch_size, reduce=False))
+        ctx["oracle"] = (om, _apply_fn(om, om.apply))
 
     flow_dir, explicit = _resolve_default(flow, "flow", data_name, notes, "flow")
     if flow_dir is not None:
@@ -369,54 +455,39 @@ def evaluate(data: dict, path: str, data_name: str | None, data_dir=None, oracle
                 raise CfjaxError(f"flow {flow_dir} expects images {fm.image_shape} but {path} holds {image_shape}")
             notes["flow"] = f"shipped flow expects {fm.image_shape}, the file holds {image_shape}"
         else:
-            bpd = _apply_fn(fm, fm.bits_per_dim)
-            res["bits_per_dim"] = _mean(M.flow_bits_per_dim(bpd, data["x_cf"], batch_size, reduce=False))
-            res["bits_per_dim_query"] = _mean(M.flow_bits_per_dim(bpd, data["x"], batch_size, reduce=False))
-
-    if "heatmap" not in data:
-        notes["heatmap"] = "the CF.npz has no heatmap"
-    elif heatmap_limit == 0:
-        notes["heatmap"] = "--heatmap-limit 0"
-    elif str(model).lower() == "none":
-        notes["heatmap"] = "--model none"
-    else:
-        model_dir = None
-        if str(model).lower() == "auto":
-            named = str(data["model"]) if "model" in data and data["model"].shape == () else None
-            if named and (Path(named) / "cfjax_model.json").exists():
-                model_dir = Path(named)
-            else:
-                notes["heatmap"] = "no --model given and the CF.npz names no existing model directory"
-        else:
-            model_dir = Path(model)
-        if model_dir is not None:
-            em = load_model(model_dir)
-            if em.image_shape != image_shape:
-                raise CfjaxError(f"--model {model_dir} expects images {em.image_shape} but {path} holds {image_shape}")
-            _check_classes(data, em.num_classes, f"the model {model_dir}", path)
-            res.update(_heatmap_metrics(data, em, heatmap_limit, steps, ig_steps, batch_size, seed))
-            res["heatmap_model"] = str(model_dir)
-
-    out = {}
-    for k, v in res.items():
-        out[k] = v if isinstance(v, str) else (int(v) if isinstance(v, (int, np.integer)) else float(v))
-    return out, notes
+            ctx["bpd"] = _apply_fn(fm, fm.bits_per_dim)
+    return ctx
 
 
 def run(args) -> int:
     from cfjax.checkpoint import write_json_atomic
+    from cfjax.pipelines import shards as sh
 
     json_path = check_writable(args.json, "--json") if args.json else None
-    data = load_cf_npz(args.cf)
-    _check_contents(data, args.cf)
     data_name = None if str(args.data).lower() == "none" else args.data
-    res, notes = evaluate(
-        data, args.cf, data_name, args.data_dir, args.oracle, args.flow, args.model, args.threshold, args.pca_k,
-        args.heatmap_limit, args.steps, args.ig_steps, args.batch_size, args.seed,
-    )
-    method = str(data["method"]) if "method" in data and data["method"].shape == () else "unknown"
-    n = int(data["x"].shape[0])
-    _print_table(res, notes, f"{args.cf}: {n} counterfactuals ({method})", args.threshold)
+    opts = (args.data_dir, args.oracle, args.flow, args.model, args.threshold, args.pca_k, args.heatmap_limit,
+            args.steps, args.ig_steps, args.batch_size, args.seed)
+    if sh.is_shard_dir(args.cf):
+        # A shard directory: one shard in memory at a time; every shard is checked against the manifest.
+        shard_set = sh.open_shards(args.cf)
+
+        def chunks():
+            for i, d in enumerate(sh.iter_shards(shard_set)):
+                _check_contents(d, str(shard_set.out_dir / shard_set.entries[i]["file"]))
+                yield d
+
+        res, notes = evaluate_chunks(chunks(), args.cf, data_name, *opts, seconds=shard_set.seconds)
+        method = str(shard_set.header.get("method", "unknown"))
+        n = shard_set.num_done
+        title = f"{args.cf}: {n} counterfactuals in {len(shard_set.entries)} shard(s) ({method})"
+    else:
+        data = load_cf_npz(args.cf)
+        _check_contents(data, args.cf)
+        res, notes = evaluate(data, args.cf, data_name, *opts)
+        method = str(data["method"]) if "method" in data and data["method"].shape == () else "unknown"
+        n = int(data["x"].shape[0])
+        title = f"{args.cf}: {n} counterfactuals ({method})"
+    _print_table(res, notes, title, args.threshold)
     if json_path is not None:
         payload = {
             "file": str(args.cf), "method": method, "n": n, "data": data_name, "threshold": args.threshold,

@@ -45,6 +45,49 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_shard_arguments(p: argparse.ArgumentParser, default_shard_size: int = 1024) -> None:
+    g = p.add_argument_group("dataset-scale runs (see cfjax.pipelines.shards)")
+    g.add_argument("--shards", action="store_true", help="write --out as a directory of shards (shard-00000.npz ...) plus manifest.json, streaming the split chunk by chunk; implied when --out is an existing directory")
+    g.add_argument("--shard-size", type=int, default=default_shard_size, help=f"queries per shard (default {default_shard_size})")
+    g.add_argument("--resume", action="store_true", help="continue the shard directory --out: verify its finished shards and compute the rest (settings must match)")
+    g.add_argument("--process-index", type=int, default=None, help="this process's index among --process-count writers of one shard directory (default: jax.process_index())")
+    g.add_argument("--process-count", type=int, default=None, help="number of processes sharing the shard directory; process p computes shards k with k %% count == p (default: jax.process_count())")
+    g.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (multi-host pods; untested in this repository)")
+
+
+def wants_shards(args) -> bool:
+    """Sharded output: --shards, or --out names an existing directory. --resume needs it."""
+    sharded = bool(getattr(args, "shards", False)) or Path(args.out).is_dir()
+    if getattr(args, "resume", False) and not sharded:
+        raise CfjaxError(f"--resume continues a shard directory: pass --shards (and --out DIR), got --out {args.out}")
+    return sharded
+
+
+def process_layout(args) -> tuple[int, int]:
+    """(process index, process count) for a sharded run; initialises jax.distributed on request."""
+    import jax
+
+    if getattr(args, "distributed", False):
+        try:
+            jax.distributed.initialize()
+        except Exception as e:
+            raise CfjaxError(f"--distributed: jax.distributed.initialize() failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    index = jax.process_index() if args.process_index is None else int(args.process_index)
+    count = jax.process_count() if args.process_count is None else int(args.process_count)
+    if count <= 0 or not 0 <= index < count:
+        raise CfjaxError(f"--process-index {index} must lie in 0..{count - 1} (--process-count {count})")
+    return index, count
+
+
+def open_queries(args):
+    """A SplitReader over --data/--split and the number of queries --limit asks for."""
+    from cfjax.data import open_split
+
+    reader = open_split(args.data, args.split, args.data_dir)
+    limit = parse_limit(args.limit)
+    return reader, len(reader) if limit is None else min(limit, len(reader))
+
+
 def parse_limit(limit) -> int | None:
     if limit is None or str(limit).lower() == "all":
         return None

@@ -25,15 +25,21 @@ from cfjax.errors import CfjaxError
 from cfjax.methods import disc
 from cfjax.pipelines.explain_common import (
     add_explain_arguments,
+    add_shard_arguments,
     check_writable,
     load_queries,
+    open_queries,
+    process_layout,
     resolve_targets,
     save_npz_atomic,
+    wants_shards,
 )
 from cfjax.pipelines.progress import progress_bar
+from cfjax.pipelines.sharding import batch_mesh, mesh_size, replicate, round_batch, shard_batch
 
 MANIFOLDS = ("duq", "none")
 DEFAULT_MANIFOLD = "duq"
+DEFAULT_SHARD_SIZE = 256  # DISC is an optimisation per query: smaller shards lose less to a kill
 
 
 def duq_from_dir(model_dir) -> tuple:
@@ -64,12 +70,21 @@ def explain_arrays(
     batch_size: int = 256,
     seed: int | None = None,
     quiet: bool = True,
+    devices: int | None = 1,
+    index_offset: int = 0,
+    pad_batch: bool = False,
+    on_batch=None,
 ) -> dict:
     """:func:`cfjax.methods.disc.generate` over chunks of ``batch_size`` queries, with a progress bar.
 
-    x (N, H, W, C) in [0, 1], targets (N,) ints. Every query gets its own random key derived from
-    ``seed`` (default ``config.seed``) and its index, so results do not depend on the chunking
-    (except under ``bn_convention="batch"``, where a chunk is one jointly optimised batch).
+    x (N, H, W, C) in [0, 1], targets (N,) ints. Every query gets its own random key
+    fold_in(key(seed), index_offset + i) (seed default ``config.seed``; i its index here), so a
+    query's key depends only on its index in the whole split, not on the chunk or shard it runs
+    in (under ``bn_convention="batch"`` a chunk is one jointly optimised batch, so there the
+    chunking matters). Each chunk is sharded over ``devices`` local devices (None/0: all; see
+    cfjax.pipelines.sharding; the classifier and DUQ variables are replicated). ``pad_batch``
+    pads even when N < batch_size (one compiled shape across the calls of a sharded run);
+    ``on_batch(m)`` is called after each chunk of m queries.
     Returns NumPy arrays: x_cf, trajectory (S, N, ...), success, y_pred, p_pred, y_target,
     y_cf_pred, p_cf, fit_mse.
     """
@@ -78,22 +93,29 @@ def explain_arrays(
     if batch_size <= 0:
         raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
     base = jax.random.key(config.seed if seed is None else seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
-    bs = min(batch_size, n)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n) + int(index_offset))
+    mesh = batch_mesh(devices)
     pad_ok = config.bn_convention == "image"  # padding would change joint batch statistics
+    bs = round_batch(batch_size if (pad_batch and pad_ok) else min(batch_size, n), mesh)
+    variables = replicate(variables, mesh)
+    if duq is not None:
+        duq = (duq[0], replicate(duq[1], mesh))
     outs = []
     with progress_bar(n, "explain disc", disable=quiet) as bar:
         for i in range(0, n, bs):
-            xb, tb, kb = x[i : i + bs], targets[i : i + bs], keys[i : i + bs]
+            xb, tb, kb = x[i : i + bs], np.asarray(targets[i : i + bs], np.int32), keys[i : i + bs]
             m = len(xb)
             if m < bs and pad_ok:  # pad to the compiled shape
                 xb = np.concatenate([xb, np.repeat(xb[-1:], bs - m, 0)])
                 tb = np.concatenate([tb, np.repeat(tb[-1:], bs - m, 0)])
                 kb = jnp.concatenate([kb, jnp.repeat(kb[-1:], bs - m, 0)])
-            out = disc.generate(apply_fn, variables, xb, tb, config, duq=duq, key=kb)
+            cm = mesh if len(xb) % mesh_size(mesh) == 0 else None  # an unpadded joint batch may not split evenly
+            out = disc.generate(apply_fn, variables, shard_batch(xb, cm), shard_batch(tb, cm), config, duq=duq, key=shard_batch(kb, cm))
             out = {k: np.asarray(v) for k, v in out.items() if k != "probs_cf"}
             outs.append({k: (v[:, :m] if k in ("trajectory", "stage_success") else v[:m]) for k, v in out.items()})
             bar.update(i + m)
+            if on_batch is not None:
+                on_batch(m)
     res = {k: np.concatenate([o[k] for o in outs], axis=1 if k in ("trajectory", "stage_success") else 0) for k in outs[0]}
     for k in ("y_pred", "y_target", "y_cf_pred"):
         res[k] = res[k].astype(np.int32)
@@ -113,7 +135,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
     p.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=d.progressive,
                    help=f"raise the target probability through {', '.join(map(str, d.stages))} with warm starts (default {'on' if d.progressive else 'off'})")
+    p.add_argument("--devices", type=int, default=0, help="local devices to shard the batch over (default 0 = all)")
     p.add_argument("--quiet", action="store_true")
+    add_shard_arguments(p, DEFAULT_SHARD_SIZE)
 
 
 def config_from_args(args) -> disc.DISCConfig:
@@ -140,6 +164,8 @@ def run(args) -> int:
     config = config_from_args(args)
     if args.batch_size <= 0:
         raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
+    if wants_shards(args):
+        return run_sharded(args, config)
     check_writable(args.out)
     if args.png:
         check_writable(args.png, "--png")
@@ -156,7 +182,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, args.batch_size), -1).astype(np.int32)
     targets = validate_targets(resolve_targets(args.target, y_pred, cconfig.num_classes), cconfig.num_classes, len(x))
-    res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=args.quiet)
+    res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=args.quiet, devices=args.devices)
     seconds = time.perf_counter() - t0
     traj = res.pop("trajectory")
     stage_success = res.pop("stage_success")
@@ -178,4 +204,66 @@ def run(args) -> int:
             title=f"DISC on {args.data}/{args.split}: flip rate {flip:.1%}",
         )
         print(f"grid -> {args.png}")
+    return 0
+
+
+def run_sharded(args, config: disc.DISCConfig) -> int:
+    """``--shards``: stream the split in shards of --shard-size queries into the directory --out.
+
+    A query's random key is fold_in(key(--seed), its index in the split), so its result does
+    not depend on the shard it falls in; the manifest pins --batch-size, --shard-size and
+    --devices, so a resumed run repeats the chunking of an uninterrupted one exactly.
+    """
+    import dataclasses
+
+    from cfjax.pipelines import shards as sh
+    from cfjax.pipelines.train_classifier import load_classifier
+    from cfjax.pretrained import default_model_dir
+
+    if args.png:
+        raise CfjaxError("--png draws one grid from one CF.npz; with --shards, plot a shard instead")
+    if args.batch_size <= 0:
+        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
+    pi, pc = process_layout(args)
+    model_dir = args.model or default_model_dir("classifier", args.data)
+    apply_fn, variables, cconfig, _ = load_classifier(model_dir)
+    duq, duq_dir = None, None
+    if args.manifold == "duq":
+        duq_dir = args.duq or default_model_dir("duq", args.data)
+        duq = duq_from_dir(duq_dir)
+    reader, n = open_queries(args)
+    if reader.image_shape != tuple(cconfig.image_shape):
+        raise CfjaxError(f"--data {args.data} images are {reader.image_shape} but the model {model_dir} expects {tuple(cconfig.image_shape)}")
+    resolve_targets(args.target, np.zeros(1, np.int32), cconfig.num_classes)  # validates --target before any work
+    ndev = mesh_size(batch_mesh(args.devices))
+    header = {
+        "method": "disc", "model": str(model_dir), "data": args.data, "split": args.split, "data_dir": args.data_dir,
+        "limit": str(args.limit), "target": str(args.target),
+        "settings": {"disc": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+                     "manifold": args.manifold, "duq": None if duq_dir is None else str(duq_dir),
+                     "batch_size": args.batch_size, "devices": ndev, "seed": args.seed},
+    }
+    run = sh.open_run(args.out, header, n, args.shard_size, args.resume, pi, pc, log=print)
+
+    def compute(start, stop, advance):
+        x, y = reader.read(start, stop)
+        x = validate_images(x, tuple(cconfig.image_shape), f"--data {args.data} images")
+        y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, args.batch_size), -1).astype(np.int32)
+        targets = validate_targets(resolve_targets(args.target, y_pred, cconfig.num_classes), cconfig.num_classes, len(x))
+        res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=True,
+                             devices=args.devices, index_offset=start, pad_batch=True, on_batch=advance)
+        traj, stage_success = res.pop("trajectory"), res.pop("stage_success")
+        extra = {"trajectory": traj, "stage_success": stage_success} if config.progressive else {}
+        return {"x": x, "y": y, "method": np.array("disc"), "model": np.array(str(model_dir)), **res, **extra}
+
+    def summary(arrays):
+        return {"flip_rate": round(float(np.mean(arrays["y_cf_pred"] == arrays["y_target"])), 6)}
+
+    t0 = time.perf_counter()
+    sh.run_shards(run, compute, "explain disc", quiet=args.quiet, summary=summary)
+    done = [run.done[k] for k in run.mine]
+    nq = sum(e["n"] for e in done)
+    flip = sum(e["flip_rate"] * e["n"] for e in done) / max(nq, 1)
+    print(f"DISC: {nq} counterfactuals in {len(done)} shard(s) ({time.perf_counter() - t0:.1f}s this session, "
+          f"{run.seconds:.1f}s recorded); flip rate {flip:.4f} -> {args.out}/")
     return 0

@@ -20,10 +20,14 @@ from cfjax.methods import ecinn
 from cfjax.models import flow_classifier as fc
 from cfjax.pipelines.explain_common import (
     add_explain_arguments,
+    add_shard_arguments,
     check_writable,
     load_queries,
+    open_queries,
+    process_layout,
     resolve_targets,
     save_npz_atomic,
+    wants_shards,
 )
 from cfjax.pipelines.progress import progress_bar
 from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_batch
@@ -55,12 +59,15 @@ def _explain_batch(params, config, x, target_spec_next: bool, target_k, step="pa
     }
 
 
-def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_STEP, direction="predicted_means", batch_size: int = 256, quiet: bool = True, refine: int = DEFAULT_REFINE, devices: int | None = 1) -> dict:
+def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_STEP, direction="predicted_means", batch_size: int = 256, quiet: bool = True, refine: int = DEFAULT_REFINE, devices: int | None = 1,
+                   pad_batch: bool = False, on_batch=None) -> dict:
     """Explain a batch of images (N, H, W, C) in [0, 1]; ``target`` is 'next', an int, or (N,) ints.
 
     Returns numpy arrays following the CF.npz contract (without x and y) plus alpha0/alpha.
-    Runs in compiled chunks of ``batch_size`` (the last chunk is padded, so one shape compiles),
-    each sharded over ``devices`` local devices (None/0: all; see cfjax.pipelines.sharding).
+    Runs in compiled chunks of ``batch_size`` (the last chunk is padded, so one shape compiles;
+    ``pad_batch`` pads even when N < batch_size, so every call of a sharded run compiles the
+    same shape), each sharded over ``devices`` local devices (None/0: all; see
+    cfjax.pipelines.sharding). ``on_batch(m)`` is called after each chunk of m queries.
     """
     x = validate_images(x, config.image_shape)
     n = len(x)
@@ -82,7 +89,7 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
     if direction not in ecinn.DIRECTIONS:
         raise CfjaxError(f"unknown --direction {direction!r}: choose one of {', '.join(ecinn.DIRECTIONS)}")
     mesh = batch_mesh(devices)
-    bs = round_batch(min(batch_size, n), mesh)
+    bs = round_batch(batch_size if pad_batch else min(batch_size, n), mesh)
     params = replicate(params, mesh)
     outs = []
     with progress_bar(n, "explain ecinn", disable=quiet or n <= bs) as bar:
@@ -96,6 +103,8 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
             out = _explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tk, mesh), step, direction, int(refine))
             outs.append({kk: np.asarray(v)[:m] for kk, v in out.items()})
             bar.update(i + m)
+            if on_batch is not None:
+                on_batch(m)
     res = {kk: np.concatenate([o[kk] for o in outs]) for kk in outs[0]}
     for kk in ("y_pred", "y_target", "y_cf_pred"):
         res[kk] = res[kk].astype(np.int32)
@@ -109,6 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", default="predicted_means", choices=ecinn.DIRECTIONS)
     p.add_argument("--devices", type=int, default=0, help="local devices to shard the batch over (default 0 = all)")
     p.add_argument("--quiet", action="store_true")
+    add_shard_arguments(p, 1024)
 
 
 def _parse_step(s: str):
@@ -122,6 +132,8 @@ def run(args) -> int:
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
 
+    if wants_shards(args):
+        return run_sharded(args)
     check_writable(args.out)
     if args.png:
         check_writable(args.png, "--png")
@@ -149,4 +161,55 @@ def run(args) -> int:
             title=f"ECINN on {args.data}/{args.split}: validity {validity:.1%}",
         )
         print(f"grid -> {args.png}")
+    return 0
+
+
+def _validity(arrays: dict) -> dict:
+    return {"validity": round(float(np.mean(arrays["y_cf_pred"] == arrays["y_target"])), 6)}
+
+
+def run_sharded(args) -> int:
+    """``--shards``: stream the split in shards of --shard-size queries into the directory --out."""
+    from cfjax.pipelines import shards as sh
+    from cfjax.pipelines.sharding import batch_mesh, mesh_size
+    from cfjax.pipelines.train_flow import load_flow
+    from cfjax.pretrained import default_model_dir
+
+    if args.png:
+        raise CfjaxError("--png draws one grid from one CF.npz; with --shards, plot a shard instead")
+    if args.batch_size <= 0:
+        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
+    pi, pc = process_layout(args)
+    reader, n = open_queries(args)
+    model_dir = args.model or default_model_dir("flow", args.data)
+    params, config, info = load_flow(model_dir)
+    if reader.image_shape != config.image_shape:
+        raise CfjaxError(f"--data {args.data} images are {reader.image_shape} but the model {model_dir} expects {config.image_shape}")
+    step = _parse_step(args.step)
+    resolve_targets(args.target, np.zeros(1, np.int32), config.num_classes)  # validates --target before any work
+    ecinn._step_fn(step)
+    if args.refine < 0:
+        raise CfjaxError(f"--refine must be >= 0, got {args.refine}")
+    ndev = mesh_size(batch_mesh(args.devices))
+    header = {
+        "method": "ecinn", "model": str(model_dir), "data": args.data, "split": args.split, "data_dir": args.data_dir,
+        "limit": str(args.limit), "target": str(args.target),
+        "settings": {"step": args.step, "refine": args.refine, "direction": args.direction,
+                     "batch_size": args.batch_size, "devices": ndev, "seed": args.seed},
+    }
+    run = sh.open_run(args.out, header, n, args.shard_size, args.resume, pi, pc, log=print)
+
+    def compute(start, stop, advance):
+        x, y = reader.read(start, stop)
+        res = explain_arrays(params, config, x, args.target, step, args.direction, args.batch_size, quiet=True,
+                             refine=args.refine, devices=args.devices, pad_batch=True, on_batch=advance)
+        return {"x": x, "y": y, "method": np.array("ecinn"), "model": np.array(str(model_dir)), **res}
+
+    t0 = time.perf_counter()
+    sh.run_shards(run, compute, "explain ecinn", quiet=args.quiet, summary=_validity)
+    done = [run.done[k] for k in run.mine]
+    nq = sum(e["n"] for e in done)
+    validity = sum(e["validity"] * e["n"] for e in done) / max(nq, 1)
+    print(f"ECINN: {nq} counterfactuals in {len(done)} shard(s) ({time.perf_counter() - t0:.1f}s this session, "
+          f"{run.seconds:.1f}s recorded); validity {validity:.4f} -> {args.out}/")
     return 0

@@ -5,9 +5,11 @@ The same code runs on one CPU, on 8 forced host devices in the tests
 replicated, queries are split along the batch axis with ``NamedSharding(mesh, P("batch"))``,
 and ``jit`` partitions the computation; results equal the single-device ones.
 
-Multi-host (a GPU/TPU pod): call ``jax.distributed.initialize()`` at the start of every
-process, give each process its own slice of the queries (e.g. ``--split`` slices or shards),
-and each process shards over its ``jax.local_devices()`` as here.
+Multi-host (a GPU/TPU pod): every process calls ``jax.distributed.initialize()`` (the explain
+commands do with ``--distributed``), computes its own shards of a shard directory (process p of
+P takes shards k with k % P == p, see cfjax.pipelines.shards) and shards each batch over its
+own ``jax.local_devices()`` as here; no array crosses hosts. Untested in this repository (no
+pod); the shard assignment itself is tested with --process-index/--process-count.
 """
 
 from __future__ import annotations
