@@ -19,7 +19,7 @@ from benchmarks import common
 # gradient is ~1e-9 (saturated sigmoid) move by +-lr whichever way round-off tips the sign, so
 # iterates drift apart slowly with steps (measured 1.4e-4 after 1 step, 3.5e-3 after 5 on 16
 # queries); hence the looser bounds after a few steps.
-TOL = {"loss_start": 1e-4, "x_cf_1_step": 1e-3, "x_cf_5_steps": 2e-2, "probs_cf_5_steps": 1e-3}
+TOL = {"loss_start": 1e-4, "x_cf_1_step": 1e-3, "x_cf_3_steps": 1e-2, "probs_cf_3_steps": 1e-3}
 SIZES = (1, 4, 16, 64, 256, 1024)
 QUICK_SIZES = (1, 8, 32)
 HEADLINE = 256
@@ -44,7 +44,7 @@ def _targets(apply_fn, variables, x):
 
 
 def parity(n: int = 16, loaded=None) -> dict:
-    """Loss values at the start, iterates after 1 and 5 steps; AssertionError beyond TOL."""
+    """Loss values at the start, iterates after 1 and 3 steps; AssertionError beyond TOL."""
     import jax.numpy as jnp
 
     from benchmarks.twins import disc as tdisc
@@ -56,13 +56,13 @@ def parity(n: int = 16, loaded=None) -> dict:
     xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
     tt = torch.as_tensor(t)
     d = {"n": n}
-    for steps in (1, 5):
+    for steps in (1, 3):
         cfg = tdisc.bench_config(steps)
         out = disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False})
         out_t = tdisc.generate(twin, cfg, xt, tt)
         d[f"x_cf_{steps}_step{'s' if steps > 1 else ''}"] = float(np.abs(np.asarray(out["x_cf"]).transpose(0, 3, 1, 2) - out_t["x_cf"].numpy()).max())
-        if steps == 5:
-            d["probs_cf_5_steps"] = float(np.abs(np.asarray(out["probs_cf"]) - out_t["probs_cf"].numpy()).max())
+        if steps == 3:
+            d["probs_cf_3_steps"] = float(np.abs(np.asarray(out["probs_cf"]) - out_t["probs_cf"].numpy()).max())
     # The objective itself (cfjax's private per-example objective at the starting image).
     cfg = tdisc.bench_config(1)
     prior = cfg.make_prior()
@@ -72,7 +72,7 @@ def parity(n: int = 16, loaded=None) -> dict:
     x0 = jax.vmap(prior.render)(*jax.vmap(prior.init)(jax.random.split(jax.random.key(0), n), jnp.asarray(x)))
     _, per_ex, _ = disc._image_objective(x0, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None, spec)
     with torch.no_grad():
-        per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.asarray(x0)).permute(0, 3, 1, 2), xt, tt)
+        per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.array(x0)).permute(0, 3, 1, 2), xt, tt)
     d["loss_start"] = float(np.abs(np.asarray(per_ex) - per_t.numpy()).max())
     d["loss_start_mean"] = float(np.mean(np.asarray(per_ex)))
     bad = [k for k in TOL if not d[k] <= TOL[k]]
@@ -94,7 +94,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     res["parity"] = parity(8 if quick else 16, loaded)
     res["tolerances"] = TOL
     log(f"disc parity ok: {res['parity']}")
-    steps = steps or (3 if quick else 20)
+    steps = steps or (3 if quick else 5)
     cfg = tdisc.bench_config(steps)
     sizes = QUICK_SIZES if quick else SIZES
     reps = repeats or 3

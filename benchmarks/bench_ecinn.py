@@ -62,12 +62,17 @@ def parity(n: int = 64, loaded=None) -> dict:
     params, config, twin, images, torch = loaded or load()
     x = images[:n]
     xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
-    z, ld = jax.jit(fc.encode, static_argnums=1)(params, config, jnp.asarray(x))
+    cf = cfjax_fn(config)
+
+    @jax.jit
+    def all_at_once(params, x):  # one compilation for the three checks
+        z, ld = fc.encode(params, config, x)
+        return z, ld, fc.decode(params, config, z), cf(params, x)
+
+    z, ld, xr, out = all_at_once(params, jnp.asarray(x))
     with torch.inference_mode():
         zt, ldt = twin.encode(xt)
         xr_t = twin.decode(zt)
-    xr = jax.jit(fc.decode, static_argnums=1)(params, config, z)
-    out = cfjax_fn(config)(params, jnp.asarray(x))
     out_t = ecinn_next_class(twin, xt, STEP, REFINE)
     d = {
         "n": n,

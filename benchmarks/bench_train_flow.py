@@ -16,10 +16,13 @@ from benchmarks import common
 
 LR, TOTAL_STEPS = 1e-3, 2480
 # Parity runs 3 steps (learning rates 0, lr/2, lr under warm-up) on cfjax's own noise. Losses
-# agree to round-off; after the updates (which move weights by ~1.5e-3) parameters differ by up
-# to ~6e-5 (measured), spread over weights with tiny gradients, where Adam's m / (sqrt(v) + eps)
-# amplifies round-off of g ~ eps.
-TOL = {"loss": 1e-4, "params_after_3_steps": 2e-4}
+# agree to round-off. The updates move weights by up to 1.5e-3; single weights then differ by up
+# to ~8e-4 (measured, 4-16 images), always ones with tiny gradients, where Adam's first steps
+# m / (sqrt(v) + eps) ~ g / (|g| + eps) turn round-off in g ~ eps into a sizeable fraction of a
+# step. So the tight checks are the loss and the gradient (max abs difference relative to the
+# largest gradient entry); after the updates no weight may differ by more than one full step and
+# the whole update vector must agree within 2% (relative l2).
+TOL = {"loss": 1e-4, "grad_rel": 1e-3, "params_after_3_steps": 1.5e-3, "update_rel_l2": 2e-2}
 SIZES = (16, 64, 256)
 QUICK_SIZES = (8, 32)
 HEADLINE = 64
@@ -45,42 +48,47 @@ def _cfjax_step(config, train, total_steps):
     return spec.train_step, make_optimizer(LR, total_steps)
 
 
-def _twin_param_diff(params_jax: dict, twin) -> float:
-    """Max abs difference of every parameter that enters the function (flow + class means)."""
-    from benchmarks.twins.flow import LUConv1x1
+def _jax_arrays(params_jax: dict, config) -> list[np.ndarray]:
+    """Every parameter that enters the function (flow + class means), in the twin's layout and order."""
+    g = config.glow
+    out = [np.asarray(params_jax["latent"]["mu"])]
+    for lvl in range(g.num_levels):
+        lp = jax_np(params_jax["glow"][f"level{lvl}"])
+        for i in range(g.steps_per_level):
+            out += [lp["actnorm"]["log_scale"][i], lp["actnorm"]["bias"][i], np.tril(lp["conv1x1"]["lower"][i], -1),
+                    np.triu(lp["conv1x1"]["upper"][i], 1), lp["conv1x1"]["log_abs_s"][i]]
+            for j in (1, 2):
+                out += [np.transpose(lp["coupling"][f"conv{j}"]["w"][i], (3, 2, 0, 1)), lp["coupling"][f"conv{j}"]["b"][i]]
+            w3, b3 = lp["coupling"]["conv3"]["w"][i], lp["coupling"]["conv3"]["b"][i]
+            cb = w3.shape[-1] // 2
+            out += [np.transpose(np.concatenate([w3[..., cb:], w3[..., :cb]], -1), (3, 2, 0, 1)), np.concatenate([b3[cb:], b3[:cb]])]
+    return out
 
+
+def jax_np(tree):
+    import jax
+
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _twin_arrays(twin, grad: bool = False) -> list[np.ndarray]:
+    """The twin's parameters (or their gradients) in the order of :func:`_jax_arrays`."""
     import FrEIA.modules as Fm
 
-    g = twin.config.glow
-    diffs = [float(np.abs(np.asarray(params_jax["latent"]["mu"]) - twin.mu.detach().numpy()).max())]
-    mods = list(twin.inn.module_list)
-    k = 0
-    for lvl in range(g.num_levels):
-        lp = params_jax["glow"][f"level{lvl}"]
-        k += 1  # Haar
-        for i in range(g.steps_per_level):
-            an, lu, cp = mods[k], mods[k + 1], mods[k + 2]
-            k += 3
-            assert isinstance(an, Fm.ActNorm) and isinstance(lu, LUConv1x1)
-            diffs.append(float(np.abs(np.asarray(lp["actnorm"]["log_scale"][i]) - an.scale.detach().numpy().ravel()).max()))
-            diffs.append(float(np.abs(np.asarray(lp["actnorm"]["bias"][i]) - an.bias.detach().numpy().ravel()).max()))
-            c = lu.log_abs_s.shape[0]
-            diffs.append(float(np.abs(np.tril(np.asarray(lp["conv1x1"]["lower"][i]), -1) - np.tril(lu.lower.detach().numpy(), -1)).max()))
-            diffs.append(float(np.abs(np.triu(np.asarray(lp["conv1x1"]["upper"][i]), 1) - np.triu(lu.upper.detach().numpy(), 1)).max()))
-            diffs.append(float(np.abs(np.asarray(lp["conv1x1"]["log_abs_s"][i]) - lu.log_abs_s.detach().numpy()).max()))
-            net = cp.subnet
-            for j, conv in zip((1, 2), (net[0], net[2])):
-                w = np.transpose(np.asarray(lp["coupling"][f"conv{j}"]["w"][i]), (3, 2, 0, 1))
-                diffs.append(float(np.abs(w - conv.weight.detach().numpy()).max()))
-                diffs.append(float(np.abs(np.asarray(lp["coupling"][f"conv{j}"]["b"][i]) - conv.bias.detach().numpy()).max()))
-            w3 = np.asarray(lp["coupling"]["conv3"]["w"][i])
-            b3 = np.asarray(lp["coupling"]["conv3"]["b"][i])
-            cb = w3.shape[-1] // 2
-            w3 = np.transpose(np.concatenate([w3[..., cb:], w3[..., :cb]], -1), (3, 2, 0, 1))
-            diffs.append(float(np.abs(w3 - net[4].weight.detach().numpy()).max()))
-            diffs.append(float(np.abs(np.concatenate([b3[cb:], b3[:cb]]) - net[4].bias.detach().numpy()).max()))
-            del c
-    return max(diffs)
+    from benchmarks.twins.flow import LUConv1x1
+
+    def t(p):
+        a = p.grad if grad else p
+        return np.zeros(tuple(p.shape), np.float32) if a is None else a.detach().numpy().copy()
+
+    out = [t(twin.mu)]
+    mods = [m for m in twin.inn.module_list if not isinstance(m, Fm.HaarDownsampling)]
+    for an, lu, cp in zip(mods[0::3], mods[1::3], mods[2::3]):
+        assert isinstance(an, Fm.ActNorm) and isinstance(lu, LUConv1x1)
+        out += [t(an.scale).ravel(), t(an.bias).ravel(), np.tril(t(lu.lower), -1), np.triu(t(lu.upper), 1), t(lu.log_abs_s)]
+        for conv in (cp.subnet[0], cp.subnet[2], cp.subnet[4]):
+            out += [t(conv.weight), t(conv.bias)]
+    return out
 
 
 def parity(n: int = 16, loaded=None, steps: int = 3) -> dict:
@@ -98,17 +106,36 @@ def parity(n: int = 16, loaded=None, steps: int = 3) -> dict:
     trainer = TwinTrainer(twin, LR, total)
     state = {"params": params, "opt_state": opt.init(params)}
     x, y = train.images[:n], train.labels[:n]
+    # The gradient of the loss at the starting weights, on cfjax's own noise.
+    key0 = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    g_jax = jax.grad(lambda p: fc.loss_fn(p, config, jnp.asarray(x), jnp.asarray(y), key0)[0])(params)
+    from benchmarks.twins.flow import ib_loss
+
+    probe = TwinFlowClassifier(params, config, trainable=True)
+    xn0 = np.array(fc.dequantize(key0, config, jnp.asarray(x)))
+    z0, ld0 = probe.encode(torch.as_tensor(xn0).permute(0, 3, 1, 2).contiguous())
+    ib_loss(probe, z0, ld0, torch.as_tensor(y).long())[0].backward()
+    gj, gt = _jax_arrays(jax.device_get(g_jax), config), _twin_arrays(probe, grad=True)
+    g_scale = max(float(np.abs(a).max()) for a in gj)
+    grad_rel = max(float(np.abs(a - b).max()) for a, b in zip(gj, gt)) / g_scale
     losses = []
     for s in range(steps):
         key = jax.random.fold_in(jax.random.PRNGKey(0), s)
-        xn = np.asarray(fc.dequantize(key, config, jnp.asarray(x)))
+        xn = np.array(fc.dequantize(key, config, jnp.asarray(x)))
         state, m = train_step(state, x, y, key)
         lt = trainer.step(torch.as_tensor(xn).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y).long(), noise=False)
         losses.append(abs(float(m["loss"]) - float(lt)))
-    d = {"n": n, "steps": steps, "loss": max(losses), "params_after_3_steps": _twin_param_diff(jax.device_get(state["params"]), twin),
-         "param_change": float(np.abs(np.asarray(state["params"]["glow"]["level0"]["coupling"]["conv3"]["w"]) - np.asarray(params["glow"]["level0"]["coupling"]["conv3"]["w"])).max())}
+    before = _jax_arrays(params, config)
+    after = _jax_arrays(jax.device_get(state["params"]), config)
+    after_t = _twin_arrays(twin)
+    upd = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
+    upd_t = np.concatenate([(a - b).ravel() for a, b in zip(after_t, before)])
+    d = {"n": n, "steps": steps, "loss": max(losses), "grad_rel": grad_rel, "grad_max_abs": g_scale,
+         "params_after_3_steps": float(max(np.abs(a - b).max() for a, b in zip(after, after_t))),
+         "update_rel_l2": float(np.linalg.norm(upd - upd_t) / np.linalg.norm(upd)),
+         "param_change": float(np.abs(upd).max())}
     bad = [k for k in TOL if not d[k] <= TOL[k]]
-    if d["param_change"] <= 5 * TOL["params_after_3_steps"]:
+    if d["param_change"] < TOL["params_after_3_steps"]:
         bad.append("param_change (the updates must move the weights well beyond the tolerance)")
     if bad:
         raise AssertionError(f"training twin parity failed ({', '.join(bad)}): {d} vs tolerances {TOL}")

@@ -112,7 +112,17 @@ def peak_rss_mb(fn: Callable[[], object]) -> float | None:
     """Extra resident memory (MB) at the high-water mark while ``fn`` runs: the kernel's peak-RSS
     counter is reset (``/proc/self/clear_refs`` = 5), then VmHWM - VmRSS-before. Host memory of
     the whole process, so it counts both JAX (XLA:CPU buffers are host memory) and torch tensors;
-    None where /proc cannot be used."""
+    None where /proc cannot be used. Freed heap pages are first returned to the system
+    (``gc.collect`` + glibc ``malloc_trim``) so memory the allocators kept from earlier calls does
+    not hide this call's working set."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", nargs="?", default="all", choices=NAMES + ("all",), help="which benchmark (default all)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/ in the checkout)")
-    p.add_argument("--budget", type=float, default=150.0, help="skip a batch size whose estimated time exceeds this many seconds (default 150)")
+    p.add_argument("--budget", type=float, default=200.0, help="skip a batch size whose estimated time exceeds this many seconds (default 200)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per setting")
 
 
