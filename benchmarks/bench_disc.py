@@ -81,7 +81,7 @@ def parity(n: int = 16, loaded=None) -> dict:
     return d
 
 
-def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, steps: int | None = None, log=print) -> dict:
+def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, steps: int | None = None, log=print) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -96,7 +96,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     log(f"disc parity ok: {res['parity']}")
     steps = steps or (3 if quick else 5)
     cfg = tdisc.bench_config(steps)
-    sizes = QUICK_SIZES if quick else SIZES
+    sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or 3
     rows, prev = [], None
     for b in sizes:

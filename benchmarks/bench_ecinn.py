@@ -89,7 +89,7 @@ def parity(n: int = 64, loaded=None) -> dict:
     return d
 
 
-def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, log=print) -> dict:
+def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -102,7 +102,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     res["tolerances"] = TOL
     log(f"ecinn parity ok: {res['parity']}")
     cf = cfjax_fn(config)
-    sizes = QUICK_SIZES if quick else SIZES
+    sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or (3 if quick else 5)
     rows, prev = [], None
     for b in sizes:

@@ -142,7 +142,7 @@ def parity(n: int = 16, loaded=None, steps: int = 3) -> dict:
     return d
 
 
-def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, log=print) -> dict:
+def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print) -> dict:
     import jax
 
     from benchmarks.twins.flow import TwinFlowClassifier, TwinTrainer
@@ -154,7 +154,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     res["tolerances"] = TOL
     log(f"train_flow parity ok: {res['parity']}")
     train_step, opt = _cfjax_step(config, train, TOTAL_STEPS)
-    sizes = QUICK_SIZES if quick else SIZES
+    sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or (3 if quick else 7)
     rows, prev = [], None
     gen = torch.Generator().manual_seed(0)

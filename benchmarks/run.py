@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test, ~1 min)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/)")
     p.add_argument("--budget", type=float, default=200.0, help="skip a batch size whose estimated time exceeds this many seconds (default 200)")
+    p.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=None, help="comma-separated batch sizes instead of the defaults (e.g. 256)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per setting (default 5/3/7 for ecinn/disc/train_flow, 3 with --quick)")
 
 
@@ -33,7 +34,7 @@ def run(args) -> int:
     names = NAMES if args.which == "all" else (args.which,)
     for name in names:
         mod = _module(name)
-        res = mod.run(quick=args.quick, budget_s=args.budget, repeats=args.repeats)
+        res = mod.run(quick=args.quick, budget_s=args.budget, repeats=args.repeats, sizes=getattr(args, "sizes", None))
         path = common.write_result(res, args.out_dir, mod.plot)
         sp = "n/a (headline batch skipped)" if res["speedup"] is None else f"{res['speedup']:.2f}x"
         verdict = "n/a" if res["target_met"] is None else ("met" if res["target_met"] else "missed")

@@ -423,8 +423,8 @@ def _make_tx(cfg: DISCConfig, steps: int, lr: float):
 
 # Steps per compiled chunk. The optimisation runs as a host loop over jitted chunks of fully
 # unrolled steps, not as one rolled ``lax.scan``: XLA:CPU runs the gradient of a convolution
-# inside a while-loop body ~5x slower than in straight-line code (measured on the shipped CNN,
-# batch 32: 0.49 s vs 0.10 s per step; see benchmarks/results/disc_cpu.json).
+# inside a while-loop body 4-5x slower than in straight-line code (measured on the shipped CNN,
+# batch 32: 0.75 s vs 0.20 s per step; benchmarks/results/profile_loop_cpu.json).
 UNROLL = 10
 
 

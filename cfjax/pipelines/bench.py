@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/ in the checkout)")
     p.add_argument("--budget", type=float, default=200.0, help="skip a batch size whose estimated time exceeds this many seconds (default 200)")
+    p.add_argument("--sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=None, help="comma-separated batch sizes instead of the defaults (e.g. 256)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per setting")
 
 
