@@ -16,7 +16,8 @@ import numpy as np
 from benchmarks import common
 
 # float32 tolerances. Loss values agree to round-off. Adam divides by sqrt(v): pixels whose
-# gradient is ~1e-9 (saturated sigmoid) move by +-lr whichever way round-off tips the sign, so
+# gradient is ~1e-9 (saturated sigmoid), or whose l1 gradient sign(x - query) is decided by
+# round-off at the start, move by +-lr whichever way round-off tips the sign, so
 # iterates drift apart slowly with steps (measured 1.4e-4 after 1 step, 3.5e-3 after 5 on 16
 # queries); hence the looser bounds after a few steps.
 TOL = {"loss_start": 1e-4, "x_cf_1_step": 1e-3, "x_cf_3_steps": 1e-2, "probs_cf_3_steps": 1e-3}
