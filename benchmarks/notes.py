@@ -23,8 +23,11 @@ COMMON = [
     "malloc_trim): ECINN batch 256 cfjax 0.6 MB vs twin 34.9 MB; DISC batch 256 (5 steps) cfjax 1327 MB vs twin 617 MB; "
     "flow training batch 64 cfjax 95 MB vs twin 63 MB. The ECINN run's rows[].*_peak_rss_mb read 0 (measured before "
     "malloc_trim was added: allocator-cached pages hid the working set); the DISC and training rows agree with "
-    "memory_cpu.json. cfjax's DISC peak is the unrolled chunk: XLA keeps the activations of the unrolled steps' "
-    "forward passes for their gradients in one straight-line program.",
+    "memory_cpu.json. Why cfjax's DISC peak is twice the twin's was not profiled; a candidate is the unrolled "
+    "chunk (5 steps in one straight-line program, where a rolled loop reuses one step's buffers).",
+    "Open finding, not profiled yet: cfjax's throughput falls at the largest batches in all three benchmarks "
+    "(ECINN 167 cf/s at 16 -> 61 at 1024; training 381 img/s at 64 -> 130 at 256) more than the twin's does; "
+    "the next thing to look at is XLA:CPU's conv tiling at large batch x small channel counts.",
     "Compile: cfjax_compile_s = first call minus steady-state median (XLA compilation per batch shape); the eager twin "
     "compiles nothing (twin_first_call_s includes its thread warm-up).",
 ]
@@ -54,18 +57,18 @@ NOTES = {
         "stage as a host loop over jitted chunks of UNROLL=10 fully unrolled steps (same function; tests/test_disc.py "
         "passes). A separate A/B on the shipped CNN, batch 32, gave 0.48 s -> 0.10 s per step for generate(); in the "
         "quick benchmark before the change cfjax was 0.26x the twin (batch 32, 3 steps).",
-        "Target (>= 3x at batch 256) MISSED. Per step both sides run the same CNN forward + input gradient; the op "
-        "profile (profile_ops_cpu.json, 'disc conv*' rows) shows XLA and oneDNN equal on the forward convs of this CNN "
-        "(17-25 GFLOP/s each) and XLA 1.2-2.7x faster on forward + input-gradient, but the step also has the per-image "
-        "BatchNorm statistics, TV/l1/l2 terms, Adam and best-iterate bookkeeping, which torch runs as separate ops and "
-        "XLA fuses; the ratio that remains is close to the conv ratio, not 3x.",
+        "Target (>= 3x at batch 256) MISSED: 1.07x at 256, 0.7-1.37x over batches 1-64. Per step both sides run the "
+        "same CNN forward + input gradient, which dominates the FLOPs; the op profile (profile_ops_cpu.json, 'disc "
+        "conv*' rows) shows XLA and oneDNN equal on this CNN's forward convs (17-25 GFLOP/s each) and XLA 1.2-2.7x "
+        "faster on forward + input gradient of single convs. End to end that advantage does not show up as 3x; where "
+        "the rest of the step's time goes in XLA (the per-image BatchNorm statistics under vmap, the best-iterate "
+        "bookkeeping) was not broken down in this session.",
     ],
     "train_flow": [
-        "Target (>= 2x at batch 64): see speedup/target_met. A training step is forward + backward of the Glow (convs "
-        "and their weight and input gradients) plus clip + AdamW/Adam; per the op profile (profile_ops_cpu.json, "
-        "'fwd+bwd_x' columns) XLA is 1.5-2x faster than oneDNN on the backward-dominated level-0 subnet convs and "
-        "slower on the forward convs, and XLA fuses the optimizer update into one pass over the parameters while torch "
-        "runs per-parameter Adam kernels.",
+        "Target (>= 2x at batch 64) MISSED: 1.03x at 64; met at batch 16 (3.2x), 0.68x at 256. A training step is "
+        "forward + backward of the Glow plus clip + AdamW/Adam. Per the op profile (profile_ops_cpu.json, 1 thread, "
+        "batch 256) XLA:CPU is 1.6-2.1x faster than oneDNN on forward + input gradient of the level-0 subnet convs "
+        "but 2.3-8x slower on the forward convs alone, which the training step also runs (and ECINN runs only).",
         "cfjax's train step does not donate its state buffers; donation is not used on CPU here (no device-memory "
         "pressure at 190k parameters).",
     ],
