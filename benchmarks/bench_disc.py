@@ -44,8 +44,9 @@ def _targets(apply_fn, variables, x):
     return (np.argmax(np.asarray(apply_fn(variables, x)), -1) + 1) % 10
 
 
-def parity(n: int = 16, loaded=None) -> dict:
-    """Loss values at the start, iterates after 1 and 3 steps; AssertionError beyond TOL."""
+def parity(n: int = 16, loaded=None, steps_checked: tuple = (1, 3)) -> dict:
+    """Loss values at the start, iterates after 1 and 3 steps (``steps_checked``); AssertionError
+    beyond TOL (only the checks that ran)."""
     import jax.numpy as jnp
 
     from benchmarks.twins import disc as tdisc
@@ -57,7 +58,7 @@ def parity(n: int = 16, loaded=None) -> dict:
     xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
     tt = torch.as_tensor(t)
     d = {"n": n}
-    for steps in (1, 3):
+    for steps in steps_checked:
         cfg = tdisc.bench_config(steps)
         out = disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False})
         out_t = tdisc.generate(twin, cfg, xt, tt)
@@ -76,7 +77,7 @@ def parity(n: int = 16, loaded=None) -> dict:
         per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.array(x0)).permute(0, 3, 1, 2), xt, tt)
     d["loss_start"] = float(np.abs(np.asarray(per_ex) - per_t.numpy()).max())
     d["loss_start_mean"] = float(np.mean(np.asarray(per_ex)))
-    bad = [k for k in TOL if not d[k] <= TOL[k]]
+    bad = [k for k in TOL if k in d and not d[k] <= TOL[k]]
     if bad:
         raise AssertionError(f"DISC twin parity failed ({', '.join(bad)}): {d} vs tolerances {TOL}")
     return d
