@@ -1,0 +1,151 @@
+"""DISC optimisation steps/s x batch: cfjax ``disc.generate`` vs the torch twin, interleaved.
+
+Configuration on both sides: :func:`benchmarks.twins.disc.bench_config` (pixels prior, one
+cross-entropy stage of ``steps`` Adam steps, BN statistics + TV + l2 + l1, no DUQ), the shipped
+mnist5k CNN classifier, target = next class. One timed call = a whole ``generate`` (init, the
+optimisation, final prediction); throughput = steps x batch / time.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+
+from benchmarks import common
+
+# float32 tolerances. Loss values agree to round-off. Adam divides by sqrt(v): pixels whose
+# gradient is ~1e-9 (saturated sigmoid), or whose l1 gradient sign(x - query) is decided by
+# round-off at the start, move by +-lr whichever way round-off tips the sign, so
+# iterates drift apart slowly with steps (measured 1.4e-4 after 1 step, 3.5e-3 after 5 on 16
+# queries); hence the looser bounds after a few steps.
+TOL = {"loss_start": 1e-4, "x_cf_1_step": 1e-3, "x_cf_3_steps": 1e-2, "probs_cf_3_steps": 1e-3}
+SIZES = (1, 4, 16, 64, 256, 1024)
+QUICK_SIZES = (1, 8, 32)
+HEADLINE = 256
+
+
+def load():
+    import torch
+
+    from benchmarks.twins.disc import TwinCNN
+    from cfjax.data import load_dataset
+    from cfjax.pipelines.train_classifier import load_classifier
+    from cfjax.pretrained import default_model_dir
+
+    apply_fn, variables, config, _ = load_classifier(default_model_dir("classifier", "mnist5k"))
+    twin = TwinCNN(variables, config)
+    images = load_dataset("mnist5k", "test").images
+    return apply_fn, variables, config, twin, images, torch
+
+
+def _targets(apply_fn, variables, x):
+    return (np.argmax(np.asarray(apply_fn(variables, x)), -1) + 1) % 10
+
+
+def parity(n: int = 16, loaded=None, steps_checked: tuple = (1, 3)) -> dict:
+    """Loss values at the start, iterates after 1 and 3 steps (``steps_checked``); AssertionError
+    beyond TOL (only the checks that ran)."""
+    import jax.numpy as jnp
+
+    from benchmarks.twins import disc as tdisc
+    from cfjax.methods import disc
+
+    apply_fn, variables, config, twin, images, torch = loaded or load()
+    x = images[:n]
+    t = _targets(apply_fn, variables, jnp.asarray(x))
+    xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+    tt = torch.as_tensor(t)
+    d = {"n": n}
+    for steps in steps_checked:
+        cfg = tdisc.bench_config(steps)
+        out = disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False})
+        out_t = tdisc.generate(twin, cfg, xt, tt)
+        d[f"x_cf_{steps}_step{'s' if steps > 1 else ''}"] = float(np.abs(np.asarray(out["x_cf"]).transpose(0, 3, 1, 2) - out_t["x_cf"].numpy()).max())
+        if steps == 3:
+            d["probs_cf_3_steps"] = float(np.abs(np.asarray(out["probs_cf"]) - out_t["probs_cf"].numpy()).max())
+    # The objective itself (cfjax's private per-example objective at the starting image).
+    cfg = tdisc.bench_config(1)
+    prior = cfg.make_prior()
+    spec = disc._Spec(apply_fn, (("train", False),), None, prior, cfg, "ce", 1, 0.1, True, False)
+    import jax
+
+    x0 = jax.vmap(prior.render)(*jax.vmap(prior.init)(jax.random.split(jax.random.key(0), n), jnp.asarray(x)))
+    _, per_ex, _ = disc._image_objective(x0, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None, spec)
+    with torch.no_grad():
+        per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.array(x0)).permute(0, 3, 1, 2), xt, tt)
+    d["loss_start"] = float(np.abs(np.asarray(per_ex) - per_t.numpy()).max())
+    d["loss_start_mean"] = float(np.mean(np.asarray(per_ex)))
+    bad = [k for k in TOL if k in d and not d[k] <= TOL[k]]
+    if bad:
+        raise AssertionError(f"DISC twin parity failed ({', '.join(bad)}): {d} vs tolerances {TOL}")
+    return d
+
+
+def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, steps: int | None = None, log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.twins import disc as tdisc
+    from cfjax.methods import disc
+
+    res = common.base_result("disc", quick)
+    loaded = load()
+    apply_fn, variables, config, twin, images, torch = loaded
+    res["parity"] = parity(8 if quick else 16, loaded)
+    res["tolerances"] = TOL
+    log(f"disc parity ok: {res['parity']}")
+    steps = steps or (3 if quick else 5)
+    cfg = tdisc.bench_config(steps)
+    sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
+    reps = repeats or 3
+    rows, prev = [], None
+    for b in sizes:
+        if prev is not None:
+            est = (prev["cfjax_s"] + prev["twin_s"]) * b / prev["batch"] * (reps + 5)
+            if est > budget_s:
+                rows.append({"batch": b, "skipped": True, "reason": f"estimated {est:.0f}s > budget {budget_s:.0f}s on this device"})
+                log(f"disc batch {b}: skipped (est {est:.0f}s)")
+                continue
+        x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
+        t = _targets(apply_fn, variables, jnp.asarray(x))
+        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+        tt = torch.as_tensor(t)
+
+        def f_jax():
+            return jax.block_until_ready(disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False}))
+
+        f_torch = lambda: tdisc.generate(twin, cfg, xt, tt)  # noqa: E731
+        t_first_jax = common.timed(f_jax)
+        t_first_torch = common.timed(f_torch)
+        threads, thread_trial = common.pick_torch_threads(f_torch)
+        tm = common.interleaved({"cfjax": f_jax, "twin": f_torch}, reps)
+        tj, tw = common.median(tm["cfjax"]), common.median(tm["twin"])
+        row = {"batch": b, "steps": steps, "cfjax_s": tj, "twin_s": tw,
+               "cfjax_step_images_per_s": steps * b / tj, "twin_step_images_per_s": steps * b / tw,
+               "speedup": tw / tj, "cfjax_compile_s": max(t_first_jax - tj, 0.0), "twin_first_call_s": t_first_torch, "twin_threads": threads, "twin_thread_trial_s": thread_trial,
+               "cfjax_times": tm["cfjax"], "twin_times": tm["twin"]}
+        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
+            row["cfjax_peak_rss_mb"] = common.peak_rss_mb(f_jax)
+            row["twin_peak_rss_mb"] = common.peak_rss_mb(f_torch)
+        rows.append(row)
+        prev = row
+        log(f"disc batch {b}: cfjax {steps * b / tj:.0f} step-images/s, twin {steps * b / tw:.0f}, speedup {tw / tj:.2f}x")
+    res["rows"] = rows
+    head = HEADLINE if HEADLINE in sizes else sizes[-1]
+    hr = next((r for r in rows if r["batch"] == head and not r.get("skipped")), None)
+    res["headline"] = {"batch": head, "target_speedup": 3.0}
+    res["speedup"] = None if hr is None else hr["speedup"]
+    res["target_met"] = None if hr is None else hr["speedup"] >= 3.0
+    res["settings"] = {"model": "cfjax/pretrained/mnist5k_classifier", "config": {k: v for k, v in vars(cfg).items()},
+                       "target": "next", "steps_per_call": steps, "repeats": reps,
+                       "timing": "median of interleaved repeats after one warm-up call; one call = a whole generate()",
+                       "twin": "plain torch eager, Adam, per-example losses summed",
+                       "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one call at the headline batch"}
+    res["load_average_end"] = common.load_average()
+    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return res
+
+
+plot = partial(common.plot_throughput, x_key="batch", y_key="step_images_per_s", xlabel="concurrent counterfactuals (batch)", ylabel="optimisation steps x batch / s")

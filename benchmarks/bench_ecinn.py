@@ -1,0 +1,149 @@
+"""ECINN counterfactuals/s vs batch size: cfjax (jit) vs the FrEIA twin, same process, interleaved.
+
+Setting on both sides: the shipped mnist5k flow, target = next class, the CLI defaults
+(step "short", direction "predicted_means", 2 refinement rounds: 6 network passes per query).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+
+from benchmarks import common
+
+STEP, DIRECTION, REFINE = "short", "predicted_means", 2
+# float32 tolerances (max abs difference); logdets are ~3e3 nats, so ~3e-7 relative.
+TOL = {"latent_z": 1e-4, "logdet": 1e-2, "decode_x": 1e-4, "x_cf": 1e-3}
+SIZES = (1, 4, 16, 64, 256, 1024, 4096)
+QUICK_SIZES = (1, 8, 32)
+HEADLINE = 256
+
+
+def load():
+    import torch
+
+    from benchmarks.twins.flow import TwinFlowClassifier
+    from cfjax.data import load_dataset
+    from cfjax.pipelines.train_flow import load_flow
+    from cfjax.pretrained import default_model_dir
+
+    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    twin = TwinFlowClassifier(params, config).eval()
+    images = load_dataset("mnist5k", "test").images
+    return params, config, twin, images, torch
+
+
+def cfjax_fn(config):
+    import jax
+    import jax.numpy as jnp
+
+    from cfjax.methods import ecinn
+    from cfjax.models import flow_classifier as fc
+
+    @jax.jit
+    def cf(params, x):
+        z, _ = fc.encode(params, config, x)
+        y = jnp.argmax(fc.latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
+        return ecinn.counterfactual_from_latent(params, config, z, y, (y + 1) % config.num_classes, STEP, DIRECTION, REFINE)
+
+    return cf
+
+
+def parity(n: int = 64, loaded=None) -> dict:
+    """Max abs differences cfjax vs twin on n test images; raises AssertionError beyond TOL."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.twins.flow import ecinn_next_class
+    from cfjax.models import flow_classifier as fc
+
+    params, config, twin, images, torch = loaded or load()
+    x = images[:n]
+    xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+    cf = cfjax_fn(config)
+
+    @jax.jit
+    def all_at_once(params, x):  # one compilation for the three checks
+        z, ld = fc.encode(params, config, x)
+        return z, ld, fc.decode(params, config, z), cf(params, x)
+
+    z, ld, xr, out = all_at_once(params, jnp.asarray(x))
+    with torch.inference_mode():
+        zt, ldt = twin.encode(xt)
+        xr_t = twin.decode(zt)
+    out_t = ecinn_next_class(twin, xt, STEP, REFINE)
+    d = {
+        "n": n,
+        "latent_z": float(np.abs(np.asarray(z) - zt.numpy()).max()),
+        "logdet": float(np.abs(np.asarray(ld) - ldt.numpy()).max()),
+        "decode_x": float(np.abs(np.asarray(xr).transpose(0, 3, 1, 2) - xr_t.numpy()).max()),
+        "x_cf": float(np.abs(np.asarray(out["x_cf"]).transpose(0, 3, 1, 2) - out_t["x_cf"].numpy()).max()),
+        "same_y_pred": bool((np.asarray(out["y_pred"]) == out_t["y_pred"].numpy()).all()),
+        "same_refine_rounds": bool((np.asarray(out["refine_rounds"]) == out_t["rounds"].numpy()).all()),
+    }
+    bad = [k for k in TOL if not d[k] <= TOL[k]] + [k for k in ("same_y_pred", "same_refine_rounds") if not d[k]]
+    if bad:
+        raise AssertionError(f"ECINN twin parity failed ({', '.join(bad)}): {d} vs tolerances {TOL}")
+    return d
+
+
+def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.twins.flow import ecinn_next_class
+
+    res = common.base_result("ecinn", quick)
+    loaded = load()
+    params, config, twin, images, torch = loaded
+    res["parity"] = parity(16 if quick else 64, loaded)
+    res["tolerances"] = TOL
+    log(f"ecinn parity ok: {res['parity']}")
+    cf = cfjax_fn(config)
+    sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
+    reps = repeats or (3 if quick else 5)
+    rows, prev = [], None
+    for b in sizes:
+        if prev is not None:
+            est = (prev["cfjax_s"] + prev["twin_s"]) * b / prev["batch"] * (reps + 5)
+            if est > budget_s:
+                rows.append({"batch": b, "skipped": True, "reason": f"estimated {est:.0f}s > budget {budget_s:.0f}s on this device"})
+                log(f"ecinn batch {b}: skipped (est {est:.0f}s)")
+                continue
+        x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
+        xj = jnp.asarray(x)
+        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+        f_jax = lambda: jax.block_until_ready(cf(params, xj))  # noqa: E731
+        f_torch = lambda: ecinn_next_class(twin, xt, STEP, REFINE)  # noqa: E731
+        t_first_jax = common.timed(f_jax)  # compile + first run
+        t_first_torch = common.timed(f_torch)
+        threads, thread_trial = common.pick_torch_threads(f_torch)
+        t = common.interleaved({"cfjax": f_jax, "twin": f_torch}, reps)
+        tj, tt = common.median(t["cfjax"]), common.median(t["twin"])
+        row = {"batch": b, "cfjax_s": tj, "twin_s": tt, "cfjax_cf_per_s": b / tj, "twin_cf_per_s": b / tt,
+               "speedup": tt / tj, "cfjax_compile_s": max(t_first_jax - tj, 0.0), "twin_first_call_s": t_first_torch, "twin_threads": threads, "twin_thread_trial_s": thread_trial,
+               "cfjax_times": t["cfjax"], "twin_times": t["twin"]}
+        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
+            row["cfjax_peak_rss_mb"] = common.peak_rss_mb(f_jax)
+            row["twin_peak_rss_mb"] = common.peak_rss_mb(f_torch)
+        rows.append(row)
+        prev = row
+        log(f"ecinn batch {b}: cfjax {b / tj:.0f} cf/s, twin {b / tt:.0f} cf/s, speedup {tt / tj:.2f}x")
+    res["rows"] = rows
+    head = HEADLINE if HEADLINE in sizes else sizes[-1]
+    hr = next((r for r in rows if r["batch"] == head and not r.get("skipped")), None)
+    res["headline"] = {"batch": head, "target_speedup": 3.0}
+    res["speedup"] = None if hr is None else hr["speedup"]
+    res["target_met"] = None if hr is None else hr["speedup"] >= 3.0
+    res["settings"] = {"model": "cfjax/pretrained/mnist5k_flow", "step": STEP, "direction": DIRECTION, "refine": REFINE,
+                       "target": "next", "repeats": reps, "timing": "median of interleaved repeats after one warm-up call",
+                       "twin": "FrEIA SequenceINN, torch eager, inference_mode", "cfjax": "jax.jit of encode + counterfactual_from_latent",
+                       "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one call at the headline batch"}
+    res["load_average_end"] = common.load_average()
+    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return res
+
+
+plot = partial(common.plot_throughput, x_key="batch", y_key="cf_per_s", xlabel="batch size (queries)", ylabel="counterfactuals / s")

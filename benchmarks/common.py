@@ -1,0 +1,224 @@
+"""Shared benchmark machinery: device and version facts, interleaved A/B timing, peak memory,
+result files (JSON + plot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def setup_threads() -> dict:
+    """torch uses every core (as XLA:CPU does by default); returns what was set."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return {"torch_num_threads": torch.get_num_threads(), "torch_threads_note": "the twin then runs each setting with the faster of all cores and 1 thread (see rows[].twin_threads, benchmarks.common.pick_torch_threads)", "torch_interop_threads": torch.get_num_interop_threads(),
+            "jax_threads": f"XLA:CPU default (all {cores} cores)"}
+
+
+def device_info() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        model = "unknown CPU"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        flags = ""
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("flags"):
+                    fl = set(line.split(":", 1)[1].split())
+                    flags = ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in fl)
+                    break
+        except OSError:
+            pass
+        return {"kind": "cpu", "name": f"{model}, {os.cpu_count()} cores", "cpu_model": model, "cores": os.cpu_count(), "isa": flags}
+    return {"kind": dev.platform, "name": dev.device_kind, "count": jax.device_count()}
+
+
+def device_tag(info: dict) -> str:
+    return "cpu" if info["kind"] == "cpu" else "gpu"
+
+
+def versions() -> dict:
+    import FrEIA
+    import flax
+    import jax
+    import jaxlib
+    import numpy
+    import optax
+    import torch
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "numpy": numpy.__version__,
+            "torch": torch.__version__, "FrEIA": getattr(FrEIA, "__version__", "0.2")}
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds for one call of ``fn`` (which must block until its result is ready)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, interleaved A B / B A / A B ... so drift cancels."""
+    names = list(fns)
+    out = {k: [] for k in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for k in order:
+            out[k].append(timed(fns[k]))
+    return out
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def _status(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])  # kB
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_mb(fn: Callable[[], object]) -> float | None:
+    """Extra resident memory (MB) at the high-water mark while ``fn`` runs: the kernel's peak-RSS
+    counter is reset (``/proc/self/clear_refs`` = 5), then VmHWM - VmRSS-before. Host memory of
+    the whole process, so it counts both JAX (XLA:CPU buffers are host memory) and torch tensors;
+    None where /proc cannot be used. Freed heap pages are first returned to the system
+    (``gc.collect`` + glibc ``malloc_trim``) so memory the allocators kept from earlier calls does
+    not hide this call's working set."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _status("VmRSS")
+    fn()
+    hwm = _status("VmHWM")
+    if before is None or hwm is None:
+        return None
+    return round((hwm - before) / 1024.0, 1)
+
+
+def jax_device_peak_mb() -> float | None:
+    """JAX's own peak-bytes counter where the backend keeps one (GPU/TPU); None on CPU."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return round(stats["peak_bytes_in_use"] / 2**20, 1)
+
+
+def write_result(result: dict, out_dir: Path | None = None, plot: Callable[[dict, Path], None] | None = None) -> Path:
+    """Write ``<benchmark>_<device>.json`` (and the plot png next to it) atomically."""
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{result['benchmark']}_{result['device_tag']}"
+    path = out_dir / f"{stem}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    if plot is not None:
+        png = out_dir / f"{stem}.png"
+        tmp_png = out_dir / f".{stem}.tmp.png"
+        plot(result, tmp_png)
+        os.replace(tmp_png, png)
+        result["plot"] = str(png)
+    return path
+
+
+def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if not r.get("skipped")]
+    xs = [r[x_key] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r[f"cfjax_{y_key}"] for r in rows], "o-", label="cfjax (JAX, jit)")
+    ax.plot(xs, [r[f"twin_{y_key}"] for r in rows], "s--", label="PyTorch twin (eager)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{result['benchmark']} on {result['device']['name']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def base_result(name: str, quick: bool) -> dict:
+    info = device_info()
+    return {
+        "benchmark": name,
+        "device": info,
+        "device_tag": device_tag(info),
+        "quick": quick,
+        "command": " ".join(["python"] + sys.argv) if sys.argv and sys.argv[0] else "",
+        "versions": versions(),
+        "threads": setup_threads(),
+        "load_average_start": load_average(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def pick_torch_threads(fn: Callable[[], object], tries: int = 2) -> tuple[int, dict]:
+    """Give the twin its best thread count for this setting: time ``fn`` with all cores and with
+    one thread (min of ``tries`` calls each), keep the faster. On a machine whose cores are shared
+    with other work, OpenMP's spin-waiting barriers can make every small torch op wait for a
+    descheduled worker (measured here: 20x slower with 2 threads than 1 under load 6.5 on 2
+    cores), so 'all cores' is not always the twin's best setting. Returns (threads, {n: s})."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    seen = {}
+    torch.set_num_threads(1)
+    fn()
+    seen[1] = min(timed(fn) for _ in range(tries))
+    if cores > 1:
+        torch.set_num_threads(cores)
+        t = timed(fn)  # first call at this count; far slower -> no point in more tries
+        seen[cores] = t if t > 3 * seen[1] else min([t] + [timed(fn) for _ in range(tries)])
+    best = min(seen, key=seen.get)
+    torch.set_num_threads(best)
+    return best, {str(k): v for k, v in seen.items()}

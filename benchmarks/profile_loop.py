@@ -1,0 +1,71 @@
+"""Why DISC runs its steps as unrolled chunks: the gradient step of the DISC objective on XLA:CPU,
+straight-line vs inside a rolled loop (``lax.fori_loop``), same computation.
+
+    python -m benchmarks.profile_loop [--batch 32] [--out benchmarks/results/profile_loop_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import common
+    from benchmarks.twins.disc import bench_config
+    from cfjax.data import load_dataset
+    from cfjax.methods import disc
+    from cfjax.pipelines.train_classifier import load_classifier
+    from cfjax.pretrained import default_model_dir
+
+    apply_fn, variables, _, _ = load_classifier(default_model_dir("classifier", "mnist5k"))
+    b, n = a.batch, a.steps
+    x = jnp.asarray(np.resize(load_dataset("mnist5k", "test").images, (b, 28, 28, 1)))
+    t = jnp.asarray((np.argmax(np.asarray(apply_fn(variables, x)), -1) + 1) % 10)
+    cfg = bench_config(n)
+    prior = cfg.make_prior()
+    spec = disc._Spec(apply_fn, (("train", False),), None, prior, cfg, "ce", n, 0.1, True, False)
+    params, aux = jax.vmap(prior.init)(jax.random.split(jax.random.key(0), b), x)
+
+    def grad_step(p):
+        g = jax.vmap(lambda p1, a1, q1, t1: jax.grad(lambda pp: disc._loss_one(pp, a1, q1, None, t1, 1.0, variables, None, spec)[0])(p1))(p, aux, x, t)
+        return p - 0.01 * g
+
+    def rolled(p):
+        return jax.lax.fori_loop(0, n, lambda i, pp: grad_step(pp), p)
+
+    def unrolled(p):
+        for _ in range(n):
+            p = grad_step(p)
+        return p
+
+    fns = {"one_step": jax.jit(grad_step), "rolled_loop": jax.jit(rolled), "unrolled": jax.jit(unrolled)}
+    for f in fns.values():
+        jax.block_until_ready(f(params))
+    calls = {k: (lambda f=f: jax.block_until_ready(f(params))) for k, f in fns.items()}
+    tm = common.interleaved(calls, a.repeats)
+    per_step = {"one_step": common.median(tm["one_step"]), "rolled_loop": common.median(tm["rolled_loop"]) / n, "unrolled": common.median(tm["unrolled"]) / n}
+    res = {"benchmark": "profile_loop", "device": common.device_info(), "batch": b, "steps": n, "versions": common.versions(),
+           "load_average": common.load_average(), "seconds_per_step": per_step,
+           "rolled_over_unrolled": per_step["rolled_loop"] / per_step["unrolled"], "times": tm,
+           "what": "vmapped per-example gradient of the DISC objective (shipped CNN, pixels prior) + an SGD update, per step"}
+    print(json.dumps({k: res[k] for k in ("batch", "seconds_per_step", "rolled_over_unrolled", "load_average")}))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

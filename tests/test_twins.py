@@ -1,0 +1,129 @@
+"""The PyTorch twins compute the same functions as cfjax (the parity every benchmark asserts first).
+
+Default tests use tiny random models of the same architectures (fast to compile); the parity on
+the shipped checkpoints, exactly as the benchmarks run it, is marked slow. Each parity function
+raises AssertionError with the measured differences when a tolerance (stated in the benchmark
+module and written into its results JSON) is exceeded. torch and FrEIA come with the test extra.
+"""
+
+import os
+import sys
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks import bench_disc, bench_ecinn, bench_train_flow  # noqa: E402
+from benchmarks.twins.disc import TwinCNN  # noqa: E402
+from benchmarks.twins.flow import TwinFlowClassifier  # noqa: E402
+from cfjax.models import flow_classifier as fc  # noqa: E402
+from cfjax.models.classifier import ClassifierConfig, classifier_apply, init_classifier  # noqa: E402
+from cfjax.models.glow import GlowConfig  # noqa: E402
+from cfjax.models.latent import LatentConfig  # noqa: E402
+
+torch.set_num_threads(1)  # small batches on shared cores: one thread is the fast setting
+
+TINY_FLOW = fc.FlowClassifierConfig(
+    glow=GlowConfig(image_shape=(8, 8, 1), num_levels=2, steps_per_level=1, hidden_channels=8, max_hidden_channels=16),
+    latent=LatentConfig(num_classes=10, beta=8.0),
+)
+
+
+def _images(n, shape, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, (n, *shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_flow():
+    x = _images(32, TINY_FLOW.image_shape)
+    params = fc.init_flow_classifier(jax.random.PRNGKey(0), TINY_FLOW, x)
+    # Perturb so the couplings are not the identity and classes differ.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    return params, TINY_FLOW, TinyTwin(params), x
+
+
+def TinyTwin(params, trainable=False):
+    return TwinFlowClassifier(params, TINY_FLOW, trainable=trainable)
+
+
+def test_ecinn_twin_matches_cfjax(tiny_flow):
+    params, config, twin, x = tiny_flow
+    d = bench_ecinn.parity(16, (params, config, twin, x, torch))
+    assert d["latent_z"] <= bench_ecinn.TOL["latent_z"] and d["x_cf"] <= bench_ecinn.TOL["x_cf"]
+    assert d["same_refine_rounds"] and d["same_y_pred"]
+
+
+def test_ecinn_parity_can_fail(tiny_flow):
+    """A twin with one coupling bias changed must fail the parity check."""
+    params, config, _, x = tiny_flow
+    bad = TinyTwin(params)
+    coupling = [m for m in bad.inn.module_list if hasattr(m, "subnet")][1]
+    with torch.no_grad():
+        coupling.subnet[4].bias.add_(0.05)
+    with pytest.raises(AssertionError, match="parity failed"):
+        bench_ecinn.parity(16, (params, config, bad, x, torch))
+
+
+def test_twin_is_built_from_freia_blocks(tiny_flow):
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    twin = tiny_flow[2]
+    assert isinstance(twin.inn, Ff.SequenceINN)
+    assert {type(m) for m in twin.inn.module_list} == {Fm.HaarDownsampling, Fm.ActNorm, Fm.Fixed1x1Conv, Fm.AffineCouplingOneSided}
+
+
+def test_training_twin_matches_cfjax(tiny_flow):
+    params, config, _, x = tiny_flow
+    train = SimpleNamespace(images=x, labels=(np.arange(len(x)) % 10).astype(np.int32))
+    d = bench_train_flow.parity(8, (params, config, train, torch))
+    assert d["loss"] <= bench_train_flow.TOL["loss"]
+    assert d["grad_rel"] <= bench_train_flow.TOL["grad_rel"] and d["grad_max_abs"] > 0
+    assert d["params_after_3_steps"] <= bench_train_flow.TOL["params_after_3_steps"] <= d["param_change"]
+    assert d["update_rel_l2"] <= bench_train_flow.TOL["update_rel_l2"]
+
+
+def test_disc_twin_matches_cfjax():
+    cfg = ClassifierConfig(arch="cnn", image_shape=(8, 8, 1), width=4, hidden=16)
+    variables = init_classifier(jax.random.PRNGKey(0), cfg)
+    # Non-trivial running statistics, so the BN-statistics term is not at its minimum.
+    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a + 0.3, variables["batch_stats"])
+    # Larger weights: the classifier terms' pixel gradients must dominate the l1 term's, whose sign
+    # at the start (x = query up to round-off) is round-off on either side.
+    variables["params"] = jax.tree_util.tree_map(lambda a: a * 2.0, variables["params"])
+    apply_fn = classifier_apply(cfg)
+    x = _images(6, cfg.image_shape, 1)
+    d = bench_disc.parity(6, (apply_fn, variables, cfg, TwinCNN(variables, cfg), x, torch), steps_checked=(2,))
+    assert d["loss_start"] <= bench_disc.TOL["loss_start"]
+    assert d["x_cf_2_steps"] <= bench_disc.TOL["x_cf_3_steps"]  # the 3-step bound; 1 and 3 steps: the slow test
+    assert d["loss_start_mean"] > 1.0  # a real loss (CE to another class + priors), not zeros
+
+
+@pytest.mark.slow
+def test_shipped_models_match_their_twins():
+    """The benchmarks' own parity on the shipped checkpoints (what every benchmark asserts first)."""
+    bench_ecinn.parity(16)
+    bench_disc.parity(8)
+    bench_train_flow.parity(8)
+
+
+def test_bench_cli_names_missing_checkout(monkeypatch, capsys):
+    """cfjax bench outside a checkout: one clear line, exit 2; bad options likewise."""
+    from cfjax import cli
+    from cfjax.pipelines import bench
+
+    def outside_checkout():
+        raise bench.CfjaxError("cfjax bench runs from a cfjax repository checkout")
+
+    monkeypatch.setattr(bench, "_import_benchmarks", outside_checkout)
+    assert cli.main(["bench", "ecinn", "--quick"]) == 2
+    assert "repository checkout" in capsys.readouterr().err
+    assert cli.main(["bench", "ecinn", "--budget", "-1"]) == 2
