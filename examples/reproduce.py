@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's cfjax, even when another copy is installed
 
 from cfjax import metrics as M  # noqa: E402
 from cfjax.data import load_dataset  # noqa: E402
@@ -165,7 +166,7 @@ def _bar(path, labels, series: dict, ylabel: str, title: str, ylim=None):
     if ylim:
         ax.set_ylim(*ylim)
     if len(series) > 1:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -295,7 +295,7 @@ def test_cli_corpus_is_large_enough():
 
 # Existing outputs must survive a failing run byte for byte.
 KEEP_CASES = [
-    ("explain-bad-target-keeps-npz", ["explain", "ecinn", "--out", "@existing_npz", "--target", "12"], "outside", "existing_npz"),
+    ("explain-bad-step-keeps-npz", ["explain", "ecinn", "--out", "@existing_npz", "--step", "giant"], "step rule", "existing_npz"),
     ("explain-bad-model-keeps-npz", ["explain", "ecinn", "--out", "@existing_npz", "--model", "@truncated"], "corrupt", "existing_npz"),
     ("disc-bad-prior-keeps-npz", ["explain", "disc", "--out", "@existing_npz", "--prior", "gan"], "prior", "existing_npz"),
     ("evaluate-missing-keys-keeps-json", ["evaluate", "@missing_keys.npz", "--json", "@existing_json"], "missing key", "existing_json"),
