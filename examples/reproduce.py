@@ -544,8 +544,9 @@ def write_report(ctx: Ctx, R: dict, meta: dict) -> Path:
               "(counterfactual; random Gaussian direction with the counterfactual's L2 norm; targeted L2 PGD against the model "
               "towards the same target class with the same L2 budget; or no perturbation), then scored by agreement with the "
               "model on held-out mnist5k test images, clean and corrupted (Gaussian noise sigma 0.3, Gaussian blur sigma 1, "
-              "contrast x0.4). Mean +- std over surrogate seeds. Flip: fraction of perturbed images whose model label differs "
-              "from the query's.", ""]
+              "contrast x0.4). Mean +- std over surrogate seeds (the linear surrogate starts from zeros and trains full-batch, so "
+              "its seeds agree exactly). Flip: fraction of perturbed images whose model label differs from the query's. "
+              "Agreement under a corruption compares with the model's own label of the corrupted image.", ""]
         for m, title in (("ecinn", "ECINN explaining the flow"), ("disc", "DISC explaining the CNN")):
             if m not in b:
                 continue
@@ -623,7 +624,18 @@ def main(argv=None) -> int:
     p.add_argument("--classifier", default=None, help="DISC's classifier (default: shipped mnist5k_classifier)")
     p.add_argument("--oracle", default=None, help="independent oracle classifier (default: shipped mnist5k_oracle)")
     p.add_argument("--duq", default=None, help="DUQ model (default: shipped mnist5k_duq)")
+    p.add_argument("--render-only", action="store_true", help="rewrite OUT/results.md from OUT/results.json of an earlier run (no measuring)")
     args = p.parse_args(argv)
+    if args.render_only:
+        src = Path(args.out) / "results.json"
+        if not src.exists():
+            print(f"reproduce: error: --render-only needs {src} from an earlier run", file=sys.stderr)
+            return 2
+        saved = json.loads(src.read_text())
+        args.quick = saved["meta"]["quick"]
+        path = write_report(Ctx(args), saved["results"], saved["meta"])
+        log(f"report re-rendered from {src} -> {path}")
+        return 0
     sections = list(SECTIONS) if args.sections == "all" else [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
