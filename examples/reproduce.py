@@ -568,7 +568,14 @@ def write_report(ctx: Ctx, R: dict, meta: dict) -> Path:
                         cells.append("" if r is None else f"{_pct(r['agreement_mean'])} +- {100 * r['agreement_std']:.1f}")
                     r0 = next(r for r in rows if r["set"] == s and r["surrogate"] == k)
                     L.append(f"| {s} | {k} | {_pct(r0['flip_rate'])} | {r0['mean_l2']:.2f} | " + " | ".join(cells) + " |")
-            L += ["", f"![boundary {m}](figures/boundary_{m}.png)", ""]
+            mlp = [r for r in rows if r["surrogate"] == "mlp"]
+            reading = []
+            for cc in cors:
+                best = max((r for r in mlp if r["corruption"] == cc), key=lambda r: r["agreement_mean"], default=None)
+                cf = next((r for r in mlp if r["corruption"] == cc and r["set"] == "counterfactual"), None)
+                if best and cf:
+                    reading.append(f"{cc}: best {best['set']} ({_pct(best['agreement_mean'])}), counterfactual {_pct(cf['agreement_mean'])}")
+            L += ["", "MLP surrogate, per test condition: " + "; ".join(reading) + ".", "", f"![boundary {m}](figures/boundary_{m}.png)", ""]
 
     if "fakemnist" in R:
         f = R["fakemnist"]
