@@ -40,8 +40,15 @@ def _add_group(sub, table: dict) -> None:
         p.set_defaults(_run=mod.run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error style: one line ``cfjax: error: ...`` and exit 2, no usage block."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"cfjax: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfjax", description="Counterfactual explanations for image classifiers in JAX.")
+    parser = _Parser(prog="cfjax", description="Counterfactual explanations for image classifiers in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="model_kind", required=True)
     _add_group(train, TRAINERS)
@@ -56,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from cfjax.errors import CfjaxError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     try:
         return int(args._run(args) or 0)
     except CfjaxError as e:

@@ -55,6 +55,13 @@ def _step_fn(step) -> Callable[[jax.Array], jax.Array]:
     return STEP_RULES[step]
 
 
+def _check_options(step, direction: str) -> None:
+    """Fail on an unknown step rule or direction before any network is evaluated."""
+    _step_fn(step)
+    if direction not in DIRECTIONS:
+        raise CfjaxError(f"unknown ECINN direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+
+
 def latent_step(
     latent_params: dict,
     class_means: jax.Array,
@@ -138,6 +145,7 @@ def counterfactual(
     z, z_cf (B, D); alpha0, alpha (B,); refine_rounds (B,). With the defaults (the paper's step,
     no refinement) this is two network evaluations in all.
     """
+    _check_options(step, direction)
     z, _ = encode(params, config, x)
     y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
     return counterfactual_from_latent(params, config, z, y_pred, target, step, direction, refine)
@@ -151,6 +159,7 @@ def counterfactuals_all_classes(
     x (B, H, W, C) -> x_cf (B, C, H, W, C_img) (the predicted class's slot holds x itself,
     reconstructed), y_pred (B,), alpha (B, C).
     """
+    _check_options(step, direction)
     n_cls = config.num_classes
     z, _ = encode(params, config, x)
     y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)

@@ -127,6 +127,8 @@ def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
         raise CfjaxError(f"{what} {path} is a directory, expected a file path")
     if not parent.exists():
         raise CfjaxError(f"{what} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise CfjaxError(f"{what} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise CfjaxError(f"{what} {path}: directory {parent} is not writable")
     return path

@@ -137,6 +137,13 @@ def run(args) -> int:
     check_writable(args.out)
     if args.png:
         check_writable(args.png, "--png")
+    # settings that need no model are checked before the (slow) model load
+    if args.batch_size <= 0:
+        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.refine < 0:
+        raise CfjaxError(f"--refine must be >= 0, got {args.refine}")
+    ecinn._step_fn(_parse_step(args.step))
+    resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)  # the format; the range needs the model
     queries = load_queries(args)  # first: an unknown dataset is named as such
     model_dir = args.model or default_model_dir("flow", args.data)
     params, config, info = load_flow(model_dir)
