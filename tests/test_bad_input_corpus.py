@@ -150,6 +150,9 @@ def world(tmp_path_factory):
     w["a_file"].write_text("I am a file, not a directory\n")
     w["a_dir"] = t / "a_dir"
     w["a_dir"].mkdir()
+    w["full_dir"] = t / "full_dir"          # an existing, non-empty, non-shard directory
+    w["full_dir"].mkdir()
+    (w["full_dir"] / "notes.txt").write_text("someone else's file\n")
     w["existing_json"] = t / "existing.json"
     w["existing_json"].write_text('{"keep": "me"}\n')
     w["existing_npz"] = t / "existing.npz"
@@ -216,7 +219,9 @@ CLI_CASES = [
     ("refine-negative", ["explain", "ecinn", "--out", "OUT", "--refine", "-1"], "--refine"),
     # output paths
     ("out-dir-missing", ["explain", "ecinn", "--out", "@a_dir/missing/cf.npz"], "does not exist"),
-    ("out-is-dir", ["explain", "ecinn", "--out", "@a_dir"], "is a directory"),
+    # an existing directory means sharded output (explain_common): a foreign, non-empty one is refused
+    ("out-is-foreign-dir", ["explain", "ecinn", "--out", "@full_dir"], "not empty"),
+    ("out-is-foreign-dir-resume", ["explain", "ecinn", "--out", "@full_dir", "--resume"], "not a cfjax shard directory"),
     ("out-under-a-file", ["explain", "ecinn", "--out", "@a_file/cf.npz"], "not a directory"),
     ("png-dir-missing", ["explain", "ecinn", "--out", "OUT", "--png", "@a_dir/nope/g.png"], "--png"),
     # model directories (explain ecinn)

@@ -91,6 +91,9 @@ def foreign_model(tmp_path):
     return other
 
 
+# Every case here is also in tests/test_bad_input_corpus.py (one compile-free call each); this
+# end-to-end sweep through one explain command stays as a slow test.
+@pytest.mark.slow
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, corrupt_model, foreign_model):
     out = tmp_path / "keep.npz"
     out.write_bytes(b"precious")

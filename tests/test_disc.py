@@ -416,6 +416,9 @@ def test_manifold_term_pulls_towards_the_target_centroid():
         disc.generate(model.apply, v, xq, t, cfg, duq=log_kernel)
 
 
+# The INR prior (the CLI default) also runs in test_cli_contract_on_shipped_models; this
+# coarse-to-fine run on top of it is slow on 2 cores.
+@pytest.mark.slow
 def test_inr_prior_and_coarse_to_fine_run(small_mnist_classifier):
     apply_fn, v, x = small_mnist_classifier
     xq = x[7:9]
