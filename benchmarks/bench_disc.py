@@ -102,12 +102,11 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     reps = repeats or 3
     rows, prev = [], None
     for b in sizes:
-        if prev is not None:
-            est = (prev["cfjax_s"] + prev["twin_s"]) * b / prev["batch"] * (reps + 5)
-            if est > budget_s:
-                rows.append({"batch": b, "skipped": True, "reason": f"estimated {est:.0f}s > budget {budget_s:.0f}s on this device"})
-                log(f"disc batch {b}: skipped (est {est:.0f}s)")
-                continue
+        skip = common.budget_skip(prev, b, reps, budget_s, 5)
+        if skip is not None:
+            rows.append(skip)
+            log(f"disc batch {b}: skipped ({skip['reason']})")
+            continue
         x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
         t = _targets(apply_fn, variables, jnp.asarray(x))
         xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
@@ -117,27 +116,12 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
             return jax.block_until_ready(disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False}))
 
         f_torch = lambda: tdisc.generate(twin, cfg, xt, tt)  # noqa: E731
-        t_first_jax = common.timed(f_jax)
-        t_first_torch = common.timed(f_torch)
-        threads, thread_trial = common.pick_torch_threads(f_torch)
-        tm = common.interleaved({"cfjax": f_jax, "twin": f_torch}, reps)
-        tj, tw = common.median(tm["cfjax"]), common.median(tm["twin"])
-        row = {"batch": b, "steps": steps, "cfjax_s": tj, "twin_s": tw,
-               "cfjax_step_images_per_s": steps * b / tj, "twin_step_images_per_s": steps * b / tw,
-               "speedup": tw / tj, "cfjax_compile_s": max(t_first_jax - tj, 0.0), "twin_first_call_s": t_first_torch, "twin_threads": threads, "twin_thread_trial_s": thread_trial,
-               "cfjax_times": tm["cfjax"], "twin_times": tm["twin"]}
-        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
-            row["cfjax_peak_rss_mb"] = common.peak_rss_mb(f_jax)
-            row["twin_peak_rss_mb"] = common.peak_rss_mb(f_torch)
+        row = common.time_pair(b, f_jax, f_torch, reps, steps * b, "step_images_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), False)
+        tj, tw = row["cfjax_s"], row["twin_s"]
         rows.append(row)
         prev = row
         log(f"disc batch {b}: cfjax {steps * b / tj:.0f} step-images/s, twin {steps * b / tw:.0f}, speedup {tw / tj:.2f}x")
-    res["rows"] = rows
-    head = HEADLINE if HEADLINE in sizes else sizes[-1]
-    hr = next((r for r in rows if r["batch"] == head and not r.get("skipped")), None)
-    res["headline"] = {"batch": head, "target_speedup": 3.0}
-    res["speedup"] = None if hr is None else hr["speedup"]
-    res["target_met"] = None if hr is None else hr["speedup"] >= 3.0
+    common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_classifier", "config": {k: v for k, v in vars(cfg).items()},
                        "target": "next", "steps_per_call": steps, "repeats": reps,
                        "timing": "median of interleaved repeats after one warm-up call; one call = a whole generate()",

@@ -106,37 +106,22 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     reps = repeats or (3 if quick else 5)
     rows, prev = [], None
     for b in sizes:
-        if prev is not None:
-            est = (prev["cfjax_s"] + prev["twin_s"]) * b / prev["batch"] * (reps + 5)
-            if est > budget_s:
-                rows.append({"batch": b, "skipped": True, "reason": f"estimated {est:.0f}s > budget {budget_s:.0f}s on this device"})
-                log(f"ecinn batch {b}: skipped (est {est:.0f}s)")
-                continue
+        skip = common.budget_skip(prev, b, reps, budget_s, 5)
+        if skip is not None:
+            rows.append(skip)
+            log(f"ecinn batch {b}: skipped ({skip['reason']})")
+            continue
         x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
         xj = jnp.asarray(x)
         xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
         f_jax = lambda: jax.block_until_ready(cf(params, xj))  # noqa: E731
         f_torch = lambda: ecinn_next_class(twin, xt, STEP, REFINE)  # noqa: E731
-        t_first_jax = common.timed(f_jax)  # compile + first run
-        t_first_torch = common.timed(f_torch)
-        threads, thread_trial = common.pick_torch_threads(f_torch)
-        t = common.interleaved({"cfjax": f_jax, "twin": f_torch}, reps)
-        tj, tt = common.median(t["cfjax"]), common.median(t["twin"])
-        row = {"batch": b, "cfjax_s": tj, "twin_s": tt, "cfjax_cf_per_s": b / tj, "twin_cf_per_s": b / tt,
-               "speedup": tt / tj, "cfjax_compile_s": max(t_first_jax - tj, 0.0), "twin_first_call_s": t_first_torch, "twin_threads": threads, "twin_thread_trial_s": thread_trial,
-               "cfjax_times": t["cfjax"], "twin_times": t["twin"]}
-        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
-            row["cfjax_peak_rss_mb"] = common.peak_rss_mb(f_jax)
-            row["twin_peak_rss_mb"] = common.peak_rss_mb(f_torch)
+        row = common.time_pair(b, f_jax, f_torch, reps, b, "cf_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), False)
+        tj, tt = row["cfjax_s"], row["twin_s"]
         rows.append(row)
         prev = row
         log(f"ecinn batch {b}: cfjax {b / tj:.0f} cf/s, twin {b / tt:.0f} cf/s, speedup {tt / tj:.2f}x")
-    res["rows"] = rows
-    head = HEADLINE if HEADLINE in sizes else sizes[-1]
-    hr = next((r for r in rows if r["batch"] == head and not r.get("skipped")), None)
-    res["headline"] = {"batch": head, "target_speedup": 3.0}
-    res["speedup"] = None if hr is None else hr["speedup"]
-    res["target_met"] = None if hr is None else hr["speedup"] >= 3.0
+    common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_flow", "step": STEP, "direction": DIRECTION, "refine": REFINE,
                        "target": "next", "repeats": reps, "timing": "median of interleaved repeats after one warm-up call",
                        "twin": "FrEIA SequenceINN, torch eager, inference_mode", "cfjax": "jax.jit of encode + counterfactual_from_latent",

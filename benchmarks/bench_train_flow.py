@@ -159,11 +159,11 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     rows, prev = [], None
     gen = torch.Generator().manual_seed(0)
     for b in sizes:
-        if prev is not None:
-            est = (prev["cfjax_s"] + prev["twin_s"]) * b / prev["batch"] * (reps + 6)
-            if est > budget_s:
-                rows.append({"batch": b, "skipped": True, "reason": f"estimated {est:.0f}s > budget {budget_s:.0f}s on this device"})
-                continue
+        skip = common.budget_skip(prev, b, reps, budget_s, 6)
+        if skip is not None:
+            rows.append(skip)
+            log(f"train_flow batch {b}: skipped ({skip['reason']})")
+            continue
         x, y = train.images[:b], train.labels[:b]
         xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
         yt = torch.as_tensor(y).long()
@@ -178,27 +178,12 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
             jax.block_until_ready((holder["state"], m))
 
         f_torch = lambda: trainer.step(xt, yt, noise=True, generator=gen)  # noqa: E731
-        t_first_jax = common.timed(f_jax)
-        t_first_torch = common.timed(f_torch)
-        threads, thread_trial = common.pick_torch_threads(f_torch)
-        common.timed(f_jax), common.timed(f_torch)  # second warm-up (allocator, caches)
-        tm = common.interleaved({"cfjax": f_jax, "twin": f_torch}, reps)
-        tj, tw = common.median(tm["cfjax"]), common.median(tm["twin"])
-        row = {"batch": b, "cfjax_s": tj, "twin_s": tw, "cfjax_images_per_s": b / tj, "twin_images_per_s": b / tw,
-               "speedup": tw / tj, "cfjax_compile_s": max(t_first_jax - tj, 0.0), "twin_first_call_s": t_first_torch, "twin_threads": threads, "twin_thread_trial_s": thread_trial,
-               "cfjax_times": tm["cfjax"], "twin_times": tm["twin"]}
-        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
-            row["cfjax_peak_rss_mb"] = common.peak_rss_mb(f_jax)
-            row["twin_peak_rss_mb"] = common.peak_rss_mb(f_torch)
+        row = common.time_pair(b, f_jax, f_torch, reps, b, "images_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), True)
+        tj, tw = row["cfjax_s"], row["twin_s"]
         rows.append(row)
         prev = row
         log(f"train_flow batch {b}: cfjax {b / tj:.0f} img/s, twin {b / tw:.0f} img/s, speedup {tw / tj:.2f}x")
-    res["rows"] = rows
-    head = HEADLINE if HEADLINE in sizes else sizes[-1]
-    hr = next((r for r in rows if r["batch"] == head and not r.get("skipped")), None)
-    res["headline"] = {"batch": head, "target_speedup": 2.0}
-    res["speedup"] = None if hr is None else hr["speedup"]
-    res["target_met"] = None if hr is None else hr["speedup"] >= 2.0
+    common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 2.0)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_flow (starting weights)", "lr": LR, "total_steps_schedule": TOTAL_STEPS,
                        "repeats": reps, "timing": "median of interleaved single steps after two warm-up steps",
                        "cfjax": "cfjax.pipelines.train_flow.build_spec(...).train_step (jit; no buffer donation)",

@@ -222,3 +222,44 @@ def pick_torch_threads(fn: Callable[[], object], tries: int = 2) -> tuple[int, d
     best = min(seen, key=seen.get)
     torch.set_num_threads(best)
     return best, {str(k): v for k, v in seen.items()}
+
+
+def budget_skip(prev: dict | None, batch: int, reps: int, budget_s: float, extra_calls: int = 5) -> dict | None:
+    """A 'skipped' row when the previous row's times, scaled to ``batch``, predict more than
+    ``budget_s`` seconds for this setting (``reps`` timed + ``extra_calls`` warm-up/trial calls)."""
+    if prev is None:
+        return None
+    est = (prev["cfjax_s"] + prev["twin_s"]) * batch / prev["batch"] * (reps + extra_calls)
+    if est <= budget_s:
+        return None
+    return {"batch": batch, "skipped": True, "reason": f"estimated {est:.0f}s > budget {budget_s:.0f}s on this device"}
+
+
+def time_pair(batch: int, f_jax: Callable[[], object], f_torch: Callable[[], object], reps: int, work: float,
+              unit: str, peak_memory: bool, extra_warmup: bool = False) -> dict:
+    """One benchmark row: compile/first call of each side, the twin's thread choice, then
+    ``reps`` A/B-interleaved timings. ``work`` units are done per call (``unit``: the throughput
+    key suffix, e.g. ``cf_per_s``); ``speedup`` = twin median / cfjax median."""
+    t_first_jax = timed(f_jax)  # compile + first run
+    t_first_torch = timed(f_torch)
+    threads, thread_trial = pick_torch_threads(f_torch)
+    if extra_warmup:
+        timed(f_jax), timed(f_torch)  # allocator and cache warm-up
+    tm = interleaved({"cfjax": f_jax, "twin": f_torch}, reps)
+    tj, tw = median(tm["cfjax"]), median(tm["twin"])
+    row = {"batch": batch, "cfjax_s": tj, "twin_s": tw, f"cfjax_{unit}": work / tj, f"twin_{unit}": work / tw,
+           "speedup": tw / tj, "cfjax_compile_s": max(t_first_jax - tj, 0.0), "twin_first_call_s": t_first_torch,
+           "twin_threads": threads, "twin_thread_trial_s": thread_trial, "cfjax_times": tm["cfjax"], "twin_times": tm["twin"]}
+    if peak_memory:
+        row["cfjax_peak_rss_mb"] = peak_rss_mb(f_jax)
+        row["twin_peak_rss_mb"] = peak_rss_mb(f_torch)
+    return row
+
+
+def set_headline(res: dict, rows: list[dict], head: int, target: float) -> None:
+    """Record ``rows`` and the headline batch ``head``: speedup there and whether ``target`` is met."""
+    res["rows"] = rows
+    hr = next((r for r in rows if r["batch"] == head and not r.get("skipped")), None)
+    res["headline"] = {"batch": head, "target_speedup": target}
+    res["speedup"] = None if hr is None else hr["speedup"]
+    res["target_met"] = None if hr is None else hr["speedup"] >= target
