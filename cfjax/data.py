@@ -129,14 +129,16 @@ def _tfds_help(name: str, data_dir: str | None) -> str:
     )
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
+def _open_tfds(name: str, split: str, data_dir) -> tuple:
+    """(builder, random-access data source) of a prepared tfds copy; never downloads.
+    CfjaxError for an unknown name or split, or a copy that is not prepared."""
     import tensorflow_datasets as tfds
 
+    data_dir = None if data_dir is None else str(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown name: tfds raises DatasetNotFoundError
-        known = ", ".join(available_datasets())
-        raise CfjaxError(f"unknown dataset {name!r}: choose one of {known} (or another tfds name)") from e
+        raise CfjaxError(f"unknown dataset {name!r}: choose one of {', '.join(available_datasets())} (or another tfds name)") from e
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:
@@ -144,6 +146,11 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
         if "split" in msg.lower() and "unknown" in msg.lower():
             raise CfjaxError(f"unknown split {split!r} for {name}: {msg}") from e
         raise CfjaxError(_tfds_help(name, data_dir)) from e
+    return builder, source
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
+    builder, source = _open_tfds(name, split, data_dir)
     n = len(source)
     if n == 0:
         raise CfjaxError(f"dataset {name!r} split {split!r} is empty")
@@ -212,20 +219,7 @@ def open_split(name: str = "mnist5k", split: str = "test", data_dir: str | os.Pa
         ds = _load_embedded(name, split)
         return SplitReader(name, split, len(ds), ds.image_shape, ds.num_classes,
                            lambda a, b: (ds.images[a:b].copy(), ds.labels[a:b].copy()))
-    import tensorflow_datasets as tfds
-
-    data_dir = None if data_dir is None else str(data_dir)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:
-        raise CfjaxError(f"unknown dataset {name!r}: choose one of {', '.join(available_datasets())} (or another tfds name)") from e
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "split" in msg.lower() and "unknown" in msg.lower():
-            raise CfjaxError(f"unknown split {split!r} for {name}: {msg}") from e
-        raise CfjaxError(_tfds_help(name, data_dir)) from e
+    builder, source = _open_tfds(name, split, data_dir)
     return reader_from_source(name, split, source, _num_classes(builder))
 
 
