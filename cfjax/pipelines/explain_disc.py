@@ -259,11 +259,5 @@ def run_sharded(args, config: disc.DISCConfig) -> int:
     def summary(arrays):
         return {"flip_rate": round(float(np.mean(arrays["y_cf_pred"] == arrays["y_target"])), 6)}
 
-    t0 = time.perf_counter()
-    sh.run_shards(run, compute, "explain disc", quiet=args.quiet, summary=summary)
-    done = [run.done[k] for k in run.mine]
-    nq = sum(e["n"] for e in done)
-    flip = sum(e["flip_rate"] * e["n"] for e in done) / max(nq, 1)
-    print(f"DISC: {nq} counterfactuals in {len(done)} shard(s) ({time.perf_counter() - t0:.1f}s this session, "
-          f"{run.seconds:.1f}s recorded); flip rate {flip:.4f} -> {args.out}/")
+    sh.run_and_report(run, compute, "explain disc", args.quiet, summary, "flip_rate", args.out)
     return 0

@@ -212,11 +212,5 @@ def run_sharded(args) -> int:
                              refine=args.refine, devices=args.devices, pad_batch=True, on_batch=advance)
         return {"x": x, "y": y, "method": np.array("ecinn"), "model": np.array(str(model_dir)), **res}
 
-    t0 = time.perf_counter()
-    sh.run_shards(run, compute, "explain ecinn", quiet=args.quiet, summary=_validity)
-    done = [run.done[k] for k in run.mine]
-    nq = sum(e["n"] for e in done)
-    validity = sum(e["validity"] * e["n"] for e in done) / max(nq, 1)
-    print(f"ECINN: {nq} counterfactuals in {len(done)} shard(s) ({time.perf_counter() - t0:.1f}s this session, "
-          f"{run.seconds:.1f}s recorded); validity {validity:.4f} -> {args.out}/")
+    sh.run_and_report(run, compute, "explain ecinn", args.quiet, _validity, "validity", args.out)
     return 0

@@ -349,3 +349,15 @@ def load_shards(path, require_complete: bool = True) -> dict:
             out[k] = np.concatenate([p[k] for p in parts], axis=1 if k in ("trajectory", "stage_success") else 0)
     out["seconds"] = np.float32(s.seconds)
     return out
+
+
+def run_and_report(run: "ShardRun", compute, what: str, quiet: bool, summary, key: str, out) -> None:
+    """:func:`run_shards`, then one line: queries, shards, time, and ``summary``'s ``key``
+    (e.g. validity) averaged over this process's shards, weighted by their sizes."""
+    t0 = time.perf_counter()
+    run_shards(run, compute, what, quiet=quiet, summary=summary)
+    done = [run.done[k] for k in run.mine]
+    nq = sum(e["n"] for e in done)
+    mean = sum(e[key] * e["n"] for e in done) / max(nq, 1)
+    print(f"{what}: {nq} counterfactuals in {len(done)} shard(s) ({time.perf_counter() - t0:.1f}s this session, "
+          f"{run.seconds:.1f}s recorded); {key.replace('_', ' ')} {mean:.4f} -> {out}/")
