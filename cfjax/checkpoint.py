@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cfjax.errors import CheckpointError
+from cfjax.errors import CfjaxError, CheckpointError
 
 MODEL_FILE = "cfjax_model.json"
 CKPT_SUBDIR = "checkpoints"
@@ -202,3 +202,22 @@ def _check_structure(model_dir: Path, mngr, step: int, abstract: Any) -> None:
                 f"checkpoint {model_dir} does not match this model's architecture: "
                 f"{jax.tree_util.keystr(path)} has shape {tuple(shape)}, expected {tuple(want.shape)}"
             )
+
+
+def check_export_target(dst) -> Path:
+    """``dst`` as a Path; CfjaxError when it already holds a model (an export never overwrites)."""
+    dst = Path(dst)
+    if (dst / MODEL_FILE).exists() or (dst / CKPT_SUBDIR).exists():
+        raise CfjaxError(f"--export {dst} already holds a model; remove it first or choose another path")
+    return dst
+
+
+def export_inference_model(src, dst, kind: str, config: dict, state: Any, info: dict) -> Path:
+    """Write a trained model's ``state`` (weights only, no optimizer state) from model directory
+    ``src`` into a new model directory ``dst``, with ``src``'s info marked ``inference_only``."""
+    dst = check_export_target(dst)
+    extra = {k: v for k, v in info.items() if k not in ("format", "kind", "config")}
+    step = int(info.get("train_settings", {}).get("steps", 0))
+    save_checkpoint(dst, step, state, {"exported_from": str(src)}, max_to_keep=1)
+    write_model_info(dst, kind, config, **{**extra, "inference_only": True})
+    return dst

@@ -281,6 +281,10 @@ CLI_CASES = [
     ("train-flow-resume-nothing", ["train", "flow", "--out", "OUT", "--resume"], "resume"),
     ("train-classifier-arch", ["train", "classifier", "--out", "OUT", "--arch", "vgg"], "vgg"),
     ("train-duq-source", ["train", "duq", "--out", "OUT", "--source", "internet"], "internet"),
+    # --export into a directory that already holds a model: refused before any training
+    ("train-flow-export-taken", ["train", "flow", "--out", "OUT", "--export", "@other_arch"], "already holds a model"),
+    ("train-classifier-export-taken", ["train", "classifier", "--out", "OUT", "--export", "@other_arch"], "already holds a model"),
+    ("train-duq-export-taken", ["train", "duq", "--out", "OUT", "--export", "@other_arch"], "already holds a model"),
 ]
 
 

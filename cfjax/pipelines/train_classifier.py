@@ -167,14 +167,7 @@ def load_classifier(model_dir: str | Path):
 def export_inference_model(src: str | Path, dst: str | Path) -> Path:
     """Copy a trained classifier's variables (no optimizer state) into a new model directory."""
     _, variables, config, info = load_classifier(src)
-    dst = Path(dst)
-    if (dst / ckpt.MODEL_FILE).exists() or (dst / ckpt.CKPT_SUBDIR).exists():
-        raise CfjaxError(f"--export {dst} already holds a model; remove it first or choose another path")
-    extra = {k: v for k, v in info.items() if k not in ("format", "kind", "config")}
-    step = int(info.get("train_settings", {}).get("steps", 0))
-    ckpt.save_checkpoint(dst, step, variables, {"exported_from": str(src)}, max_to_keep=1)
-    ckpt.write_model_info(dst, KIND, config.to_dict(), **{**extra, "inference_only": True})
-    return dst
+    return ckpt.export_inference_model(src, dst, KIND, config.to_dict(), variables, info)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -212,8 +205,8 @@ def run(args) -> int:
         raise CfjaxError(f"--epochs must be positive, got {args.epochs}")
     if args.batch_size <= 0:
         raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.export and ((Path(args.export) / ckpt.MODEL_FILE).exists() or (Path(args.export) / ckpt.CKPT_SUBDIR).exists()):
-        raise CfjaxError(f"--export {args.export} already holds a model; remove it first or choose another path")
+    if args.export:
+        ckpt.check_export_target(args.export)
     train = load_dataset(args.data, "train", args.data_dir)
     test = load_dataset(args.data, "test", args.data_dir)
     config = config_from_args(args, train.image_shape, train.num_classes)

@@ -158,14 +158,7 @@ def load_duq(model_dir: str | Path) -> tuple[dict, DUQConfig, dict]:
 def export_inference_model(src: str | Path, dst: str | Path) -> Path:
     """Copy a trained DUQ model's variables (no optimizer state) into a new model directory."""
     variables, config, info = load_duq(src)
-    dst = Path(dst)
-    if (dst / ckpt.MODEL_FILE).exists() or (dst / ckpt.CKPT_SUBDIR).exists():
-        raise CfjaxError(f"--export {dst} already holds a model; remove it first or choose another path")
-    extra = {k: v for k, v in info.items() if k not in ("format", "kind", "config")}
-    step = int(info.get("train_settings", {}).get("steps", 0))
-    ckpt.save_checkpoint(dst, step, variables, {"exported_from": str(src)}, max_to_keep=1)
-    ckpt.write_model_info(dst, KIND, config.to_dict(), **{**extra, "inference_only": True})
-    return dst
+    return ckpt.export_inference_model(src, dst, KIND, config.to_dict(), variables, info)
 
 
 def synthetic_training_set(args, image_shape, num_classes) -> tuple[Dataset, dict]:
@@ -251,8 +244,8 @@ def run(args) -> int:
         raise CfjaxError(f"--epochs must be positive, got {args.epochs}")
     if args.batch_size <= 0:
         raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.export and ((Path(args.export) / ckpt.MODEL_FILE).exists() or (Path(args.export) / ckpt.CKPT_SUBDIR).exists()):
-        raise CfjaxError(f"--export {args.export} already holds a model; remove it first or choose another path")
+    if args.export:
+        ckpt.check_export_target(args.export)
     from cfjax.pipelines.training import check_out_dir
 
     check_out_dir(Path(args.out), args.resume)  # before a long synthesis

@@ -171,13 +171,7 @@ def load_flow(model_dir: str | Path) -> tuple[dict, fc.FlowClassifierConfig, dic
 def export_inference_model(src: str | Path, dst: str | Path) -> Path:
     """Copy a trained model's parameters (no optimizer state) into a new model directory."""
     params, config, info = load_flow(src)
-    dst = Path(dst)
-    if (dst / ckpt.MODEL_FILE).exists():
-        raise CfjaxError(f"--export {dst} already holds a model; remove it first or choose another path")
-    extra = {k: v for k, v in info.items() if k not in ("format", "kind", "config")}
-    ckpt.save_checkpoint(dst, int(info.get("train_settings", {}).get("steps", 0)), {"params": params}, {"exported_from": str(src)})
-    ckpt.write_model_info(dst, KIND, config.to_dict(), **{**extra, "inference_only": True})
-    return dst
+    return ckpt.export_inference_model(src, dst, KIND, config.to_dict(), {"params": params}, info)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -205,6 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if args.export:  # before training, not after it
+        ckpt.check_export_target(args.export)
     train = load_dataset(args.data, "train", args.data_dir)
     test = load_dataset(args.data, "test", args.data_dir)
     config = flow_config_from_args(args, train.image_shape, train.num_classes)
