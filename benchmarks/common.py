@@ -197,6 +197,7 @@ def base_result(name: str, quick: bool) -> dict:
         "command": " ".join(["python"] + sys.argv) if sys.argv and sys.argv[0] else "",
         "versions": versions(),
         "threads": setup_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average_start": load_average(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -12,65 +12,65 @@ import sys
 from pathlib import Path
 
 COMMON = [
-    "Machine: 2 cores shared with three other engineers' jobs; load average 6-10 throughout (load_average_start/end), "
-    "so absolute throughputs are noisy. Ratios come from A/B-interleaved repeats in one process, so slow drift cancels; "
-    "single settings still vary by tens of percent between runs.",
-    "Twin threads: torch with 2 threads ran 20-100x slower than with 1 under this load (rows[].twin_thread_trial_s): "
-    "OpenMP's spinning barriers wait for a worker whose core another process holds, on every one of the ~2,000 small ops "
-    "of a call. Each row therefore times the twin at its faster setting (rows[].twin_threads, 1 everywhere here); "
-    "cfjax runs with XLA's default pool over both cores.",
-    "Memory (benchmarks/results/memory_cpu.json, peak extra host RSS of one call after freed heap is returned with "
-    "malloc_trim): ECINN batch 256 cfjax 0.6 MB vs twin 34.9 MB; DISC batch 256 (5 steps) cfjax 1327 MB vs twin 617 MB; "
-    "flow training batch 64 cfjax 95 MB vs twin 63 MB. The ECINN run's rows[].*_peak_rss_mb read 0 (measured before "
-    "malloc_trim was added: allocator-cached pages hid the working set); the DISC and training rows agree with "
-    "memory_cpu.json. Why cfjax's DISC peak is twice the twin's was not profiled; a candidate is the unrolled "
-    "chunk (5 steps in one straight-line program, where a rolled loop reuses one step's buffers).",
-    "Open finding, not profiled yet: cfjax's throughput falls at the largest batches in all three benchmarks "
-    "(ECINN 167 cf/s at 16 -> 61 at 1024; training 381 img/s at 64 -> 130 at 256) more than the twin's does; "
-    "the next thing to look at is XLA:CPU's conv tiling at large batch x small channel counts.",
-    "Compile: cfjax_compile_s = first call minus steady-state median (XLA compilation per batch shape); the eager twin "
-    "compiles nothing (twin_first_call_s includes its thread warm-up).",
+    "Machine: 2 cores of an Intel Xeon (AVX-512), otherwise idle (load_average_start/end 0.7-1.9). Ratios come from "
+    "A/B-interleaved repeats in one process, so slow drift cancels; the same command has given headline ratios that "
+    "differ by about 10% between runs.",
+    "Twin threads: each row times the twin at the faster of 1 thread and all cores (rows[].twin_threads; "
+    "benchmarks.common.pick_torch_threads): on a loaded machine OpenMP's spinning barriers made 2 threads 20-100x "
+    "slower than 1. cfjax runs with XLA's default pool over both cores.",
+    "XLA flags (top-level xla_flags): cfjax.xla_cpu applies --xla_cpu_experimental_ynn_fusion_type=eltwise for ECINN and "
+    "flow training, nothing for DISC; `cfjax bench all` runs each benchmark in its own process so each gets its own "
+    "flags. What the flag is worth on its own: benchmarks/results/xla_cpu_flags_cpu.json (ECINN 1.42x, training 1.08x, "
+    "DISC 0.87x, so DISC runs without it).",
+    "Compile: cfjax_compile_s = first call minus steady-state median (XLA compilation per batch shape, 3-8 s here); "
+    "the eager twin compiles nothing.",
+    "Memory: rows[].*_peak_rss_mb at the headline batch (extra host RSS high-water of one call, after malloc_trim). "
+    "cfjax's DISC uses about twice the twin's (1334 vs 626 MB at batch 256); not profiled. "
+    "benchmarks/results/memory_cpu.json holds an earlier, separate measurement.",
 ]
 
 NOTES = {
     "ecinn": [
-        "Target (>= 3x at the headline batch 256) MISSED: 0.96x there; met only for small batches (4.7x at 1, 6.1x at 4), "
-        "where the twin pays Python/dispatcher overhead per op (6 flow passes x 16 steps x ~20 ops) and XLA runs one fused "
-        "executable. From batch 16 on the convolutions dominate and the ratio is 1.0-2.2x (1.75x at 1024).",
-        "Profile (benchmarks/results/profile_ops_cpu.json, 1 thread, batch 256, the Glow coupling-subnet shapes): XLA:CPU's "
-        "forward convolutions run at 3-28 GFLOP/s, oneDNN's at 9-92 GFLOP/s on the same shapes, 2.3-8x faster per conv "
-        "(e.g. level-1 conv3 3x3 64->16 on 7x7: 18.2 ms vs 2.5 ms; level-0 1x1 32->32: 33 ms vs 3.9 ms). ECINN is forward "
-        "passes only (encode, decode, 2 refinement rounds = 6 passes), so it runs exactly where XLA's small-channel convs "
-        "are weakest; everything around them (ActNorm, 1x1 LU, Haar, clamp, latent step) is fused by XLA and cheap.",
-        "Tried in cfjax, kept out: the subnet 1x1 conv as an einsum (XLA already lowers it to the same dot: bit-identical "
-        "output, no measurable change); the refinement rounds unrolled instead of lax.fori_loop (1.708 s vs 1.705 s at "
-        "batch 256: forward convs are not slowed by the loop, unlike gradients, see the DISC notes); im2col-by-shifts + "
-        "matmul for the 3x3 convs (faster for the wide-output conv1 shapes, 5-30x slower for the narrow-output conv3 "
-        "shapes, no net gain end to end); XLA_FLAGS --xla_cpu_use_onednn / --xla_cpu_use_xnnpack (no change beyond the "
-        "load noise). bf16 on the AMX units would change the counterfactuals beyond the float32 tolerance and was not "
-        "tried for the CPU result.",
+        "Target (>= 3x at batch 256) MISSED: 1.13x at 256; met at batch 1 (3.17x) and about met at 4 (2.95x), 1.87x at "
+        "1024. At small batches the twin pays Python/dispatcher cost per op (6 flow passes x 16 steps x ~20 ops per call) "
+        "and cfjax runs one compiled program; from batch 64 on both spend their time in the same convolutions.",
+        "Profile (benchmarks/results/profile_ops_cpu.json, idle machine, 1 thread, batch 256, the coupling-subnet "
+        "shapes): XLA:CPU's convolutions (YNNPACK) and oneDNN's run at about the same speed: forward 0.6-1.7x, forward + "
+        "input gradient 1.0-2.1x in XLA's favour. (An earlier profile taken on the loaded machine showed XLA 2-8x slower "
+        "per forward conv; the idle re-run does not reproduce that, and that explanation is withdrawn.)",
+        "What did cost cfjax time: XLA ran the bias add and ReLU between the subnet convolutions as separate passes over "
+        "the (B, H, W, hidden) activations, memory-bound at these channel counts (a 3x3 2->32 conv at batch 256: 0.8 ms; "
+        "the same conv + bias + ReLU: 2.0 ms). With --xla_cpu_experimental_ynn_fusion_type=eltwise a whole subnet compiles "
+        "to one YNNPACK fusion and takes half the time; ECINN went from 0.67x (previous run) to 1.13x at batch 256.",
+        "Why 3x is out of reach at batch 256 on this CPU: both sides now run comparable convolution kernels at comparable "
+        "speed, and the twin's per-op overhead is small next to a batch-256 convolution. A 3x ratio there would need "
+        "the twin to waste two thirds of its time, which it does only at batch 1-4.",
+        "Tried, kept out: micro-batching a large batch through lax.map (chunks of 16-128: 0.8-1.0x at batch 256, a gain only at "
+        "1024 without the flag); the subnet 1x1 conv as an einsum (same dot after XLA); the refinement rounds unrolled "
+        "(no change); im2col + matmul for the 3x3 convs (slower for narrow outputs); --xla_cpu_use_onednn, "
+        "--xla_cpu_use_xnnpack and XNN graph fusion (within 10%); YNN fusion of dot/reduce/convolution on top of eltwise "
+        "(+4-9% on ECINN, slower on DISC). bf16 on the AMX units would change counterfactuals beyond the float32 tolerance.",
     ],
     "disc": [
-        "Profile-driven change in cfjax: the optimisation ran as one rolled lax.scan per stage; XLA:CPU runs the gradient "
-        "of a convolution inside a while-loop body 4-5x slower than in straight-line code (benchmarks/results/"
-        "profile_loop_cpu.json: 0.75 s vs 0.20 s per step, rolled_over_unrolled 3.8, same computation, batch 32). cfjax.methods.disc now runs each "
-        "stage as a host loop over jitted chunks of UNROLL=10 fully unrolled steps (same function; tests/test_disc.py "
-        "passes). A separate A/B on the shipped CNN, batch 32, gave 0.48 s -> 0.10 s per step for generate(); in the "
-        "quick benchmark before the change cfjax was 0.26x the twin (batch 32, 3 steps).",
-        "Target (>= 3x at batch 256) MISSED: 1.07x at 256, 0.7-1.37x over batches 1-64. Per step both sides run the "
-        "same CNN forward + input gradient, which dominates the FLOPs; the op profile (profile_ops_cpu.json, 'disc "
-        "conv*' rows) shows XLA and oneDNN equal on this CNN's forward convs (17-25 GFLOP/s each) and XLA 1.2-2.7x "
-        "faster on forward + input gradient of single convs. End to end that advantage does not show up as 3x; where "
-        "the rest of the step's time goes in XLA (the per-image BatchNorm statistics under vmap, the best-iterate "
-        "bookkeeping) was not broken down in this session.",
+        "Target (>= 3x at batch 256) MISSED: 0.71x at 256, 0.75-0.84x at every batch. Breakdown at batch 256 (in-process "
+        "ablation of disc.generate, 10 steps, with a training job on the other core, so proportions only): the classifier's "
+        "forward + input gradient alone is 77% of a step (0.39 of 0.50 s); the per-image BatchNorm statistics term about "
+        "20%; TV, l1 and l2 the rest. The optimisation loop itself adds nothing measurable (CE-only generate = bare "
+        "forward + gradient).",
+        "Per op, XLA is not the slow side: profile_ops_cpu.json's 'disc conv*' rows (1 thread) give XLA 1.1-2.9x faster "
+        "than oneDNN on forward + input gradient. Yet end to end on 2 threads cfjax's forward + gradient of the whole CNN "
+        "takes longer than the twin's whole step. Not profiled further: how XLA:CPU splits these gradient convolutions "
+        "over 2 threads is the candidate.",
+        "Earlier profile-driven change, kept: the optimisation runs as jitted chunks of unrolled steps, not one rolled "
+        "lax.scan (XLA:CPU runs convolution gradients inside a while loop 4-5x slower; profile_loop_cpu.json).",
+        "The eltwise YNN fusion flag makes DISC slower (0.87x, xla_cpu_flags_cpu.json), so cfjax does not apply it here.",
     ],
     "train_flow": [
-        "Target (>= 2x at batch 64) MISSED: 1.03x at 64; met at batch 16 (3.2x), 0.68x at 256. A training step is "
-        "forward + backward of the Glow plus clip + AdamW/Adam. Per the op profile (profile_ops_cpu.json, 1 thread, "
-        "batch 256) XLA:CPU is 1.6-2.1x faster than oneDNN on forward + input gradient of the level-0 subnet convs "
-        "but 2.3-8x slower on the forward convs alone, which the training step also runs (and ECINN runs only).",
-        "cfjax's train step does not donate its state buffers; donation is not used on CPU here (no device-memory "
-        "pressure at 190k parameters).",
+        "Target (>= 2x at batch 64) MISSED: 1.08x at 64; 1.78x at batch 16, 0.84x at 256. A step is forward + backward of "
+        "the Glow plus clipping and Adam; as for ECINN, the convolutions run at parity per op, and the eltwise YNN flag "
+        "gives training only 1.08x (its backward passes are dominated by the gradient convolutions, not by the "
+        "elementwise passes).",
+        "cfjax's train step does not donate its state buffers (190k parameters; no device-memory pressure on CPU).",
     ],
 }
 

@@ -28,17 +28,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per setting (default 5/3/7 for ecinn/disc/train_flow, 3 with --quick)")
 
 
+def _argv_for(name: str, args) -> list[str]:
+    """The command line that runs one benchmark with ``args``' options (for a fresh process)."""
+    argv = [name]
+    if args.quick:
+        argv.append("--quick")
+    if args.out_dir is not None:
+        argv += ["--out-dir", str(args.out_dir)]
+    argv += ["--budget", str(args.budget)]
+    if getattr(args, "sizes", None):
+        argv += ["--sizes", ",".join(str(b) for b in args.sizes)]
+    if args.repeats is not None:
+        argv += ["--repeats", str(args.repeats)]
+    return argv
+
+
 def run(args) -> int:
+    """One benchmark in this process; ``all`` runs each in a fresh process, so that each gets the
+    XLA:CPU flags cfjax uses for that workload (cfjax.xla_cpu; XLA reads them once per process)."""
+    import subprocess
+    from pathlib import Path
+
+    if args.which == "all":
+        repo = Path(__file__).resolve().parents[1]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        failed = [name for name in NAMES if subprocess.call([sys.executable, "-m", "benchmarks.run", *_argv_for(name, args)], env=env) != 0]
+        if failed:
+            print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
+
+    from cfjax import xla_cpu
+
+    xla_cpu.apply(args.which)  # no effect if a JAX backend already exists in this process
     from benchmarks import common
 
-    names = NAMES if args.which == "all" else (args.which,)
-    for name in names:
-        mod = _module(name)
-        res = mod.run(quick=args.quick, budget_s=args.budget, repeats=args.repeats, sizes=getattr(args, "sizes", None))
-        path = common.write_result(res, args.out_dir, mod.plot)
-        sp = "n/a (headline batch skipped)" if res["speedup"] is None else f"{res['speedup']:.2f}x"
-        verdict = "n/a" if res["target_met"] is None else ("met" if res["target_met"] else "missed")
-        print(f"{name}: speedup {sp} at batch {res['headline']['batch']} (target {res['headline']['target_speedup']:.0f}x: {verdict}) -> {path}")
+    mod = _module(args.which)
+    res = mod.run(quick=args.quick, budget_s=args.budget, repeats=args.repeats, sizes=getattr(args, "sizes", None))
+    path = common.write_result(res, args.out_dir, mod.plot)
+    sp = "n/a (headline batch skipped)" if res["speedup"] is None else f"{res['speedup']:.2f}x"
+    verdict = "n/a" if res["target_met"] is None else ("met" if res["target_met"] else "missed")
+    print(f"{args.which}: speedup {sp} at batch {res['headline']['batch']} (target {res['headline']['target_speedup']:.0f}x: {verdict}) -> {path}")
     return 0
 
 

@@ -37,7 +37,7 @@ def _add_group(sub, table: dict) -> None:
             raise
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _xla_workload=getattr(mod, "XLA_WORKLOAD", None))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    from cfjax import xla_cpu
+
+    xla_cpu.apply(getattr(args, "_xla_workload", None))  # before anything computes: XLA reads its flags once
     try:
         return int(args._run(args) or 0)
     except CfjaxError as e:

@@ -23,6 +23,7 @@ from cfjax.models.classifier import (
     predict_proba,
 )
 from cfjax.pipelines import train_classifier as tc
+from cfjax.pipelines import training
 from cfjax.pipelines.training import fit
 
 TINY = ClassifierConfig(arch="cnn", width=4, hidden=8)
@@ -117,7 +118,7 @@ def test_train_mode_uses_batch_statistics_and_eval_mode_running_ones():
 
 def test_random_shift_is_a_zero_filled_translation():
     x = _images(16, seed=4)
-    out = np.asarray(tc.random_shift(jax.random.PRNGKey(0), jnp.asarray(x), 2))
+    out = np.asarray(training.random_shift(jax.random.PRNGKey(0), jnp.asarray(x), 2))
     seen = set()
     for img, o in zip(x, out):
         matches = []
@@ -131,7 +132,7 @@ def test_random_shift_is_a_zero_filled_translation():
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 3  # offsets differ between examples
-    np.testing.assert_array_equal(np.asarray(tc.random_shift(jax.random.PRNGKey(0), jnp.asarray(x), 0)), x)
+    np.testing.assert_array_equal(np.asarray(training.random_shift(jax.random.PRNGKey(0), jnp.asarray(x), 0)), x)
 
 
 # ---------------------------------------------------------------- trainer, checkpoints, loader

@@ -25,9 +25,9 @@ def small():
     return Dataset("mnist5k", "train", tr.images[:96], tr.labels[:96], 10), Dataset("mnist5k", "test", te.images[:50], te.labels[:50], 10)
 
 
-def _run(small, out, **kw):
+def _run(small, out, augment_shift=0, **kw):
     train, test = small
-    spec = train_flow.build_spec(CFG, train, 1e-3, 6, seed=0)
+    spec = train_flow.build_spec(CFG, train, 1e-3, 6, seed=0, augment_shift=augment_shift)
     return fit(spec, train, test, out, epochs=2, batch_size=32, seed=0, checkpoint_every=2, quiet=True, **kw)
 
 
@@ -76,3 +76,30 @@ def test_resume_without_checkpoint_and_bad_settings(small, tmp_path):
         fit(spec, train, test, tmp_path / "x", epochs=0, batch_size=32)
     with pytest.raises(CfjaxError, match="larger than the training set"):
         fit(spec, train, test, tmp_path / "x", epochs=1, batch_size=1000)
+
+
+def test_augment_shift_trains_on_shifted_images_and_is_kept_on_resume(small, tmp_path, monkeypatch):
+    """--augment-shift: the loss sees randomly translated images (checked by recording them), the
+    setting is recorded, and --resume refuses a different value."""
+    from cfjax.pipelines import training
+
+    seen = []
+    real = training.random_shift
+
+    def recording(key, x, max_shift):
+        out = real(key, x, max_shift)
+        jax.debug.callback(lambda a, b: seen.append((np.asarray(a), np.asarray(b))), x, out)
+        return out
+
+    monkeypatch.setattr(train_flow, "random_shift", recording)
+    _, stopped = _run(small, tmp_path / "aug", augment_shift=2, max_steps=2)
+    assert stopped == {"stopped_at_step": 2} and len(seen) == 2
+    for x, out in seen:
+        assert x.shape == out.shape == (32, 28, 28, 1)
+        assert not np.array_equal(x, out)  # some images moved
+        np.testing.assert_allclose(out.sum(), x.sum(), rtol=0.05)  # a translation, not a rescale (digits sit inside the frame)
+    assert train_flow.ckpt.read_model_info(tmp_path / "aug", expected_kind="flow")["augment_shift"] == 2
+    with pytest.raises(CfjaxError, match="augment_shift=2"):
+        _run(small, tmp_path / "aug", augment_shift=0, resume=True)
+    with pytest.raises(CfjaxError, match="augment-shift"):
+        train_flow.build_spec(CFG, small[0], 1e-3, 6, seed=0, augment_shift=-1)

@@ -24,6 +24,8 @@ from cfjax.data import load_dataset
 from cfjax.errors import CfjaxError
 from cfjax.pipelines.explain_common import add_data_arguments, save_npz_atomic
 
+XLA_WORKLOAD = "ecinn"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)

@@ -37,6 +37,8 @@ from cfjax.pipelines.explain_common import (
 from cfjax.pipelines.progress import progress_bar
 from cfjax.pipelines.sharding import batch_mesh, mesh_size, replicate, round_batch, shard_batch
 
+XLA_WORKLOAD = "disc"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu): none, measured slower
+
 MANIFOLDS = ("duq", "none")
 DEFAULT_MANIFOLD = "duq"
 DEFAULT_SHARD_SIZE = 256  # DISC is an optimisation per query: smaller shards lose less to a kill

@@ -32,6 +32,8 @@ from cfjax.pipelines.explain_common import (
 from cfjax.pipelines.progress import progress_bar
 from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_batch
 
+XLA_WORKLOAD = "ecinn"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu)
+
 
 DEFAULT_STEP = "short"   # measured best on mnist5k with refinement (README); "paper" = the paper's rule
 DEFAULT_REFINE = 2

@@ -33,7 +33,7 @@ import optax
 from cfjax.errors import CfjaxError
 from cfjax.methods import disc
 from cfjax.pipelines.progress import progress_bar
-from cfjax.pipelines.train_classifier import random_shift
+from cfjax.pipelines.training import random_shift
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from cfjax.models.classifier import (
     classifier_train_apply,
     init_classifier,
 )
-from cfjax.pipelines.training import TrainSpec, fit
+from cfjax.pipelines.training import TrainSpec, fit, random_shift
 
 KIND = "classifier"
 VARIABLE_KEYS = ("params", "batch_stats")
@@ -41,23 +41,6 @@ def make_optimizer(lr: float, total_steps: int, weight_decay: float = 5e-4):
     warmup = max(1, min(100, total_steps // 20))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), lr * 0.01)
     return optax.adamw(sched, weight_decay=weight_decay)
-
-
-def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
-    """Shift each image by an independent integer offset in [-max_shift, max_shift]^2, zero fill.
-
-    x: (B, H, W, C) -> (B, H, W, C).
-    """
-    if max_shift <= 0:
-        return x
-    b, h, w, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
-
-    def crop(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
-
-    return jax.vmap(crop)(padded, offsets)
 
 
 def variables_of(state: dict) -> dict:

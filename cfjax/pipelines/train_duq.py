@@ -32,7 +32,7 @@ from cfjax import checkpoint as ckpt
 from cfjax.data import Dataset, load_dataset
 from cfjax.errors import CfjaxError
 from cfjax.models.duq import DUQConfig, duq_kernel, duq_loss, init_duq, update_centroids
-from cfjax.pipelines.train_classifier import random_shift
+from cfjax.pipelines.training import random_shift
 from cfjax.pipelines.training import TrainSpec, fit
 
 KIND = "duq"

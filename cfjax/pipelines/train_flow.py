@@ -27,7 +27,9 @@ from cfjax.models import flow_classifier as fc
 from cfjax.models import latent as latent_lib
 from cfjax.models.glow import GlowConfig
 from cfjax.models.latent import LatentConfig
-from cfjax.pipelines.training import TrainSpec, fit
+from cfjax.pipelines.training import TrainSpec, fit, random_shift
+
+XLA_WORKLOAD = "train_flow"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu)
 
 KIND = "flow"
 
@@ -110,7 +112,11 @@ def evaluate_flow(params: dict, config: fc.FlowClassifierConfig, data: Dataset, 
     return {"test_accuracy": correct / len(data), "test_bits_per_dim": float(np.mean(np.concatenate(bpd)))}
 
 
-def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total_steps: int, seed: int) -> TrainSpec:
+def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total_steps: int, seed: int, augment_shift: int = 0) -> TrainSpec:
+    """The TrainSpec for :func:`cfjax.pipelines.training.fit`: IB-INN loss, Adam, optional random
+    shifts of up to ``augment_shift`` pixels (zero fill) before dequantisation."""
+    if augment_shift < 0:
+        raise CfjaxError(f"--augment-shift must be >= 0, got {augment_shift}")
     opt = make_optimizer(lr, total_steps)
 
     def init_state():
@@ -119,6 +125,9 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
 
     @jax.jit
     def train_step(state, x, y, key):
+        if augment_shift:
+            key, k_shift = jax.random.split(key)
+            x = random_shift(k_shift, jnp.asarray(x, jnp.float32), augment_shift)
         (loss, aux), grads = jax.value_and_grad(fc.loss_fn, has_aux=True)(state["params"], config, x, y, key)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -136,7 +145,7 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
         train_step=train_step,
         evaluate=lambda state, data: evaluate_flow(state["params"], config, data),
         finalize=finalize,
-        info={"lr": lr},
+        info={"lr": lr, "augment_shift": augment_shift},
         show=("loss", "bpd", "acc"),
     )
 
@@ -192,6 +201,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=32, help="subnet width at level 0 (doubles per level)")
     p.add_argument("--downsample", choices=("haar", "squeeze"), default="haar")
     p.add_argument("--split-levels", action="store_true", help="multi-scale factor-out (Glow); default keeps the full latent")
+    p.add_argument("--augment-shift", type=int, default=0, help="random shifts of up to this many pixels, zero fill (default 0: none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--export", default=None, help="also write an inference-only copy (no optimizer state) here")
@@ -205,7 +215,7 @@ def run(args) -> int:
     test = load_dataset(args.data, "test", args.data_dir)
     config = flow_config_from_args(args, train.image_shape, train.num_classes)
     steps = args.epochs * (len(train) // max(args.batch_size, 1))
-    spec = build_spec(config, train, args.lr, steps, args.seed)
+    spec = build_spec(config, train, args.lr, steps, args.seed, augment_shift=args.augment_shift)
     t0 = time.perf_counter()
     _, metrics = fit(
         spec, train, test, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cfjax import checkpoint as ckpt
@@ -93,6 +94,12 @@ def fit(
         info = ckpt.read_model_info(out, expected_kind=spec.kind)
         if info["config"] != spec.config:
             raise CfjaxError(f"--resume: {out} was trained with another config; resume with the same options")
+        changed = [k for k, v in spec.info.items() if k in info and info[k] != v]
+        if changed:
+            raise CfjaxError(
+                f"--resume: {out} was trained with " + ", ".join(f"{k}={info[k]!r}" for k in changed)
+                + "; resume with the same values, not " + ", ".join(f"{k}={spec.info[k]!r}" for k in changed)
+            )
         state, meta, start_step = ckpt.load_checkpoint(out, state)
         seconds_before = float(meta.get("train_seconds", 0.0))
         images_before = int(meta.get("images_seen", 0))
@@ -159,3 +166,20 @@ def fit(
         **spec.info,
     )
     return state, metrics
+
+
+def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
+    """Shift each image by an independent integer offset in [-max_shift, max_shift]^2, zero fill.
+
+    x: (B, H, W, C) -> (B, H, W, C).
+    """
+    if max_shift <= 0:
+        return x
+    b, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+
+    return jax.vmap(crop)(padded, offsets)
