@@ -116,6 +116,24 @@ def test_train_mode_uses_batch_statistics_and_eval_mode_running_ones():
     assert not np.allclose(apply_fn(v, x), train_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("hw", [(28, 28), (7, 7), (6, 9)])
+def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients(hw):
+    """The reshape + max pooling equals nn.max_pool (2x2, stride 2, VALID) in value and, on inputs
+    without ties, in gradient (computed by XLA through select-and-scatter on the flax side)."""
+    import flax.linen as nn
+
+    from cfjax.models.classifier import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, *hw, 5)), jnp.float32)
+    ref = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref))
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(ref.shape), jnp.float32)
+    g = jax.grad(lambda a: jnp.sum(w * max_pool_2x2(a)))(x)
+    g_ref = jax.grad(lambda a: jnp.sum(w * nn.max_pool(a, (2, 2), strides=(2, 2))))(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
+    assert np.count_nonzero(np.asarray(g)) == ref.size  # one winner per window
+
+
 def test_random_shift_is_a_zero_filled_translation():
     x = _images(16, seed=4)
     out = np.asarray(training.random_shift(jax.random.PRNGKey(0), jnp.asarray(x), 2))

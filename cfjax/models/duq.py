@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.errors import CfjaxError
+from cfjax.models.classifier import max_pool_2x2
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class DUQFeatures(nn.Module):
     def __call__(self, x):
         for i, feats in enumerate((self.width, 2 * self.width, 2 * self.width), start=1):
             x = nn.relu(nn.Conv(feats, (3, 3), name=f"conv{i}")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         return nn.relu(nn.Dense(self.feature_dim, name="fc")(x))
 
