@@ -15,12 +15,12 @@ import numpy as np
 
 from benchmarks import common
 
-# float32 tolerances. Loss values agree to round-off. Adam divides by sqrt(v): pixels whose
+# float32 tolerances. Loss values agree to round-off (loss_start is relative: max |diff| / max(1, |loss|)). Adam divides by sqrt(v): pixels whose
 # gradient is ~1e-9 (saturated sigmoid), or whose l1 gradient sign(x - query) is decided by
 # round-off at the start, move by +-lr whichever way round-off tips the sign, so
 # iterates drift apart slowly with steps (measured 1.4e-4 after 1 step, 3.5e-3 after 5 on 16
 # queries); hence the looser bounds after a few steps.
-TOL = {"loss_start": 1e-4, "x_cf_1_step": 1e-3, "x_cf_3_steps": 1e-2, "probs_cf_3_steps": 1e-3}
+TOL = {"loss_start": 1e-5, "x_cf_1_step": 1e-3, "x_cf_3_steps": 1e-2, "probs_cf_3_steps": 1e-3}
 SIZES = (1, 4, 16, 64, 256, 1024)
 QUICK_SIZES = (1, 8, 32)
 HEADLINE = 256
@@ -75,7 +75,9 @@ def parity(n: int = 16, loaded=None, steps_checked: tuple = (1, 3)) -> dict:
     _, per_ex, _ = disc._image_objective(x0, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None, spec)
     with torch.no_grad():
         per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.array(x0)).permute(0, 3, 1, 2), xt, tt)
-    d["loss_start"] = float(np.abs(np.asarray(per_ex) - per_t.numpy()).max())
+    # relative to max(1, |loss|): float32 round-off of a sum of terms grows with the loss (the
+    # doubled-weights test reaches losses of ~340, where 1e-4 absolute is 3e-7 relative).
+    d["loss_start"] = float((np.abs(np.asarray(per_ex) - per_t.numpy()) / np.maximum(1.0, np.abs(per_t.numpy()))).max())
     d["loss_start_mean"] = float(np.mean(np.asarray(per_ex)))
     bad = [k for k in TOL if k in d and not d[k] <= TOL[k]]
     if bad:

@@ -20,12 +20,12 @@ COMMON = [
     "slower than 1. cfjax runs with XLA's default pool over both cores.",
     "XLA flags (top-level xla_flags): cfjax.xla_cpu applies --xla_cpu_experimental_ynn_fusion_type=eltwise for ECINN and "
     "flow training, nothing for DISC; `cfjax bench all` runs each benchmark in its own process so each gets its own "
-    "flags. What the flag is worth on its own: benchmarks/results/xla_cpu_flags_cpu.json (ECINN 1.65x, training 1.06x, "
-    "DISC 0.84x, so DISC runs without it; an earlier run: 1.42x, 1.08x, 0.87x).",
+    "flags. What the flag is worth on its own: benchmarks/results/xla_cpu_flags_cpu.json (ECINN 1.61x, training 1.03x, "
+    "DISC 0.84x, so DISC runs without it; two earlier runs: 1.42-1.65x, 1.06-1.08x, 0.84-0.87x).",
     "Compile: cfjax_compile_s = first call minus steady-state median (XLA compilation per batch shape, 3-8 s here); "
     "the eager twin compiles nothing.",
     "Memory: rows[].*_peak_rss_mb at the headline batch (extra host RSS high-water of one call, after malloc_trim): "
-    "ECINN 193 vs 45 MB, DISC 462 vs 602 MB, training 96 vs 62 MB (cfjax vs twin). "
+    "ECINN 193 vs 45 MB, DISC 317 vs 588 MB (1334 MB before max_pool_2x2), training 96 vs 62 MB (cfjax vs twin). "
     "benchmarks/results/memory_cpu.json holds an earlier, separate measurement (DISC then 1327 MB, before max_pool_2x2).",
 ]
 
@@ -52,18 +52,18 @@ NOTES = {
         "(+4-9% on ECINN, slower on DISC). bf16 on the AMX units would change counterfactuals beyond the float32 tolerance.",
     ],
     "disc": [
-        "Target (>= 3x at batch 256) MISSED: 1.07x at 256; 1.23x at 64, 1.55x at 1024, 0.84-0.94x at batches 1-16 "
+        "Target (>= 3x at batch 256) MISSED: 1.04x at 256; 1.06x at 64, 1.28x at 1024, 0.81-1.04x at batches 1-16 "
         "(before the max-pool change below: 0.71x at 256, 0.75-0.84x everywhere).",
         "Profile-driven change in this run: a jax.profiler trace of a CNN forward + input gradient (batch 256) showed its "
         "convolutions running 2-20x slower inside the program than timed alone, and the process took tens of thousands "
         "of page faults per call: XLA:CPU allocates a program's temporaries afresh on every call (one 147 MB mmap per "
         "call in the trace), so every large intermediate is faulted in and zeroed again. The max-pool gradient was the "
         "biggest avoidable part: flax's nn.max_pool lowers to reduce-window, whose gradient XLA:CPU computes through "
-        "select-and-scatter. cfjax.models.classifier.max_pool_2x2 (reshape + max; the same values, and the same "
-        "gradients except at ties inside a window, which after a ReLU are zeros with zero gradient either way; "
-        "tests/test_classifier.py) replaces it in the CNN and in DUQ. On the shipped CNN's forward + input gradient at "
-        "batch 256: 76,933 -> 37,132 page faults per call. disc.generate at batch 256, 25 steps: 9.5 s -> 6.4 s; peak "
-        "extra memory at batch 256: 1334 MB -> 462 MB (the twin: 602 MB).",
+        "select-and-scatter. cfjax.models.classifier.max_pool_2x2 (a choice among each window's four strided slices; "
+        "the same values and gradients as nn.max_pool, ties included: the gradient goes to the first maximal element, "
+        "as in select-and-scatter and torch; tests/test_classifier.py) replaces it in the CNN and in DUQ. On the shipped "
+        "CNN's forward + input gradient at batch 256: 76,933 -> 23,129 page faults per call. disc.generate at batch "
+        "256, 25 steps: 9.5 s -> 6.6 s.",
         "Forcing glibc to keep the freed temporaries (one arena, no mmap, no trim; set with mallopt before JAX starts) "
         "cut the page faults to ~3,000 a call but made disc.generate only 6% faster on top of the max-pool change, and "
         "made it 18% slower without it; not adopted.",

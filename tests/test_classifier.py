@@ -117,21 +117,26 @@ def test_train_mode_uses_batch_statistics_and_eval_mode_running_ones():
 
 
 @pytest.mark.parametrize("hw", [(28, 28), (7, 7), (6, 9)])
-def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients(hw):
-    """The reshape + max pooling equals nn.max_pool (2x2, stride 2, VALID) in value and, on inputs
-    without ties, in gradient (computed by XLA through select-and-scatter on the flax side)."""
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_2x2_matches_flax_max_pool_values_and_gradients(hw, ties):
+    """Same values and gradients as nn.max_pool (2x2, stride 2, VALID, computed by XLA through
+    select-and-scatter), also with ties inside windows (inputs rounded to a few levels), where
+    the gradient must go to one element per window, the first in row-major order."""
     import flax.linen as nn
 
     from cfjax.models.classifier import max_pool_2x2
 
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, *hw, 5)), jnp.float32)
+    x = np.random.default_rng(1).standard_normal((3, *hw, 5))
+    if ties:
+        x = np.maximum(np.round(x), 0.0)  # ReLU-like: many equal values, zeros and positives
+    x = jnp.asarray(x, jnp.float32)
     ref = nn.max_pool(x, (2, 2), strides=(2, 2))
     np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref))
     w = jnp.asarray(np.random.default_rng(2).standard_normal(ref.shape), jnp.float32)
     g = jax.grad(lambda a: jnp.sum(w * max_pool_2x2(a)))(x)
     g_ref = jax.grad(lambda a: jnp.sum(w * nn.max_pool(a, (2, 2), strides=(2, 2))))(x)
     np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
-    assert np.count_nonzero(np.asarray(g)) == ref.size  # one winner per window
+    assert np.count_nonzero(np.asarray(g)) == ref.size  # exactly one element per window
 
 
 def test_random_shift_is_a_zero_filled_translation():
