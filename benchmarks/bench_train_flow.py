@@ -31,7 +31,6 @@ HEADLINE = 64
 def load(trainable=True):
     import torch
 
-    from benchmarks.twins.flow import TwinFlowClassifier
     from cfjax.data import load_dataset
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir

@@ -146,6 +146,18 @@ def jax_device_peak_mb() -> float | None:
     return round(stats["peak_bytes_in_use"] / 2**20, 1)
 
 
+def save_json(result: dict, path: str | Path | None) -> Path | None:
+    """Write ``result`` as indented JSON to ``path`` (atomically; parent folders created); None: no file."""
+    if not path:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_result(result: dict, out_dir: Path | None = None, plot: Callable[[dict, Path], None] | None = None) -> Path:
     """Write ``<benchmark>_<device>.json`` (and the plot png next to it) atomically."""
     out_dir = Path(out_dir or RESULTS_DIR)

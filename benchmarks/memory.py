@@ -72,9 +72,7 @@ def main(argv=None) -> int:
            "what": common.peak_rss_mb.__doc__.split("\n\n")[0].strip() if common.peak_rss_mb.__doc__ else "", "results": out,
            "jax_device_peak_mb": common.jax_device_peak_mb()}
     print(json.dumps(out))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    common.save_json(res, a.out)
     return 0
 
 

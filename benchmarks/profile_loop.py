@@ -61,9 +61,7 @@ def main(argv=None) -> int:
            "rolled_over_unrolled": per_step["rolled_loop"] / per_step["unrolled"], "times": tm,
            "what": "vmapped per-example gradient of the DISC objective (shipped CNN, pixels prior) + an SGD update, per step"}
     print(json.dumps({k: res[k] for k in ("batch", "seconds_per_step", "rolled_over_unrolled", "load_average")}))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    common.save_json(res, a.out)
     return 0
 
 

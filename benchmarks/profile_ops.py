@@ -12,10 +12,8 @@ one CPU thread through XLA_FLAGS before jax is imported).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 
 def main(argv=None) -> int:
@@ -82,9 +80,7 @@ def main(argv=None) -> int:
               f"  | fwd+bwd_x jax {row['jax_fwd_bwd_input_ms']:7.2f} torch {row['torch_fwd_bwd_input_ms']:7.2f}", flush=True)
     res = {"benchmark": "profile_ops", "device": common.device_info(), "threads": a.threads, "batch": b, "versions": common.versions(),
            "load_average": common.load_average(), "rows": rows, "command": " ".join(["python -m benchmarks.profile_ops"] + (argv or sys.argv[1:]))}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    common.save_json(res, a.out)
     return 0
 
 

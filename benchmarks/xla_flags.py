@@ -17,7 +17,6 @@ Workloads (the same functions the cfjax-vs-twin benchmarks time):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
     res["notes"] = ("Outputs compared: ecinn x_cf (256, 28, 28, 1), train_flow the loss of a first step, disc x_cf after 5 steps "
                     "(256, 28, 28, 1). The flag changes how XLA fuses and so the float32 rounding; max and 99.9th percentile of "
                     "|difference| are given per workload.")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    common.save_json(res, a.out)
     print(f"-> {a.out}")
     return 0
 

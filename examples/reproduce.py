@@ -424,7 +424,6 @@ def section_fakemnist(ctx: Ctx) -> dict:
 
 
 def section_extra(ctx: Ctx) -> dict:
-    from cfjax.pipelines.explain_ecinn import explain_arrays
     from cfjax.pipelines.train_flow import evaluate_flow, load_flow
 
     out = {}

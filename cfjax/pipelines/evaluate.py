@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_contents(data: dict, path: str) -> None:
-    x, x_cf = data["x"], data["x_cf"]
+    x = data["x"]
     n = x.shape[0]
     if n == 0:
         raise CfjaxError(f"{path} holds no counterfactuals (N = 0)")
