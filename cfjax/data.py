@@ -149,14 +149,20 @@ def _open_tfds(name: str, split: str, data_dir) -> tuple:
     return builder, source
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
-    builder, source = _open_tfds(name, split, data_dir)
+def _check_source(name: str, split: str, source) -> int:
+    """Length of a random-access ``{"image", "label"}`` source; CfjaxError if empty or not one."""
     n = len(source)
     if n == 0:
         raise CfjaxError(f"dataset {name!r} split {split!r} is empty")
     first = source[0]
     if "image" not in first or "label" not in first:
         raise CfjaxError(f"dataset {name!r} has no 'image'/'label' features: not an image-classification dataset")
+    return n
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
+    builder, source = _open_tfds(name, split, data_dir)
+    n = _check_source(name, split, source)
     images = np.stack([np.asarray(source[i]["image"]) for i in range(n)])
     labels = np.asarray([int(source[i]["label"]) for i in range(n)], np.int32)
     if images.ndim == 3:
@@ -232,13 +238,8 @@ def _num_classes(builder) -> int | None:
 
 def reader_from_source(name: str, split: str, source, num_classes: int | None = None) -> SplitReader:
     """A :class:`SplitReader` over any random-access sequence of ``{"image", "label"}`` dicts."""
-    n = len(source)
-    if n == 0:
-        raise CfjaxError(f"dataset {name!r} split {split!r} is empty")
-    first = source[0]
-    if "image" not in first or "label" not in first:
-        raise CfjaxError(f"dataset {name!r} has no 'image'/'label' features: not an image-classification dataset")
-    shape = _tfds_chunk([first])[0].shape[1:]
+    n = _check_source(name, split, source)
+    shape = _tfds_chunk([source[0]])[0].shape[1:]
     return SplitReader(name, split, n, shape, num_classes, lambda a, b: _tfds_chunk([source[i] for i in range(a, b)]))
 
 
