@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -47,6 +48,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cfjax: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _non_finite_option(args) -> str | None:
+    """Every float option must be finite: a NaN or inf is refused by its flag name, before any work."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{name.replace('_', '-')} must be a finite number, got {value}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cfjax", description="Counterfactual explanations for image classifiers in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    bad = _non_finite_option(args)
+    if bad:
+        print(f"cfjax: error: {bad}", file=sys.stderr)
+        return 2
     from cfjax import xla_cpu
 
     xla_cpu.apply(getattr(args, "_xla_workload", None))  # before anything computes: XLA reads its flags once
@@ -75,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     except CfjaxError as e:
         print(f"cfjax: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable, missing, read-only or full locations: one line naming the path
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"cfjax: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("cfjax: interrupted (checkpoints already written are intact; use --resume)", file=sys.stderr)
+        print("cfjax: interrupted; outputs are written atomically, so nothing half-written was left "
+              "(training runs and shard directories continue with --resume)", file=sys.stderr)
         return 130
 
 

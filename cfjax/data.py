@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from pathlib import Path
 
 from cfjax.errors import CfjaxError
 
@@ -222,11 +223,63 @@ def open_split(name: str = "mnist5k", split: str = "test", data_dir: str | os.Pa
     if not isinstance(name, str) or not name:
         raise CfjaxError(f"dataset name must be a non-empty string, got {name!r}")
     if name in EMBEDDED:
-        ds = _load_embedded(name, split)
-        return SplitReader(name, split, len(ds), ds.image_shape, ds.num_classes,
-                           lambda a, b: (ds.images[a:b].copy(), ds.labels[a:b].copy()))
+        return reader_from_arrays(_load_embedded(name, split))
+    if idx_files(data_dir, split) is not None:
+        return reader_from_arrays(_load_idx(name, split, data_dir))
     builder, source = _open_tfds(name, split, data_dir)
     return reader_from_source(name, split, source, _num_classes(builder))
+
+
+def reader_from_arrays(ds: Dataset) -> SplitReader:
+    """A :class:`SplitReader` over a :class:`Dataset` already in memory."""
+    return SplitReader(ds.name, ds.split, len(ds), ds.image_shape, ds.num_classes,
+                       lambda a, b: (ds.images[a:b].copy(), ds.labels[a:b].copy()))
+
+
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def idx_files(data_dir, split: str) -> tuple[Path, Path] | None:
+    """(images, labels) IDX files of ``split`` in ``data_dir`` (MNIST / Fashion-MNIST layout,
+    gzipped or not), or None when the folder does not hold them."""
+    if data_dir is None or split not in _IDX_PREFIX or not Path(data_dir).is_dir():
+        return None
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        base = Path(data_dir) / f"{_IDX_PREFIX[split]}-{kind}"
+        hit = next((p for p in (base, base.with_name(base.name + ".gz")) if p.is_file()), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found[0], found[1]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CfjaxError(f"{path} is not a readable IDX file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise CfjaxError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise CfjaxError(f"{path} is truncated: {data.size} bytes of data for dimensions {dims}")
+    return data.reshape(dims)
+
+
+def _load_idx(name: str, split: str, data_dir) -> Dataset:
+    img_path, lab_path = idx_files(data_dir, split)
+    images, labels = _read_idx(img_path), _read_idx(lab_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise CfjaxError(f"{data_dir}: IDX images {images.shape} and labels {labels.shape} do not match")
+    x = (images.astype(np.float32) / 255.0)[..., None]
+    return Dataset(name, split, x, labels.astype(np.int32), int(labels.max()) + 1 if labels.size else 0)
 
 
 def _num_classes(builder) -> int | None:
@@ -243,12 +296,61 @@ def reader_from_source(name: str, split: str, source, num_classes: int | None = 
     return SplitReader(name, split, n, shape, num_classes, lambda a, b: _tfds_chunk([source[i] for i in range(a, b)]))
 
 
+def load_npz_dataset(path: str | os.PathLike, num_classes: int | None = None) -> Dataset:
+    """An image file as one split: ``x`` (N, H, W, C) or (N, H, W) uint8 0-255 or floats in [0, 1],
+    optional ``y`` (N,) class indices or (N, C) one-hot. Without ``y`` the labels are -1."""
+    path = Path(path)
+    if not path.is_file():
+        raise CfjaxError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files:
+                raise CfjaxError(f"data file {path} has no array 'x' (it holds {', '.join(f.files) or 'nothing'})")
+            x = np.asarray(f["x"])
+            y = np.asarray(f["y"]) if "y" in f.files else None
+    except CfjaxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise CfjaxError(f"data file {path} is not a readable .npz ({type(e).__name__}: {e})") from e
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    x = validate_images(x, what=f"{path}: x")
+    if y is None:
+        labels = np.full((len(x),), -1, np.int32)
+    else:
+        if y.ndim == 2:
+            y = np.argmax(y, axis=1)
+        if y.shape != (len(x),):
+            raise CfjaxError(f"{path}: y has shape {y.shape}, expected ({len(x)},) labels or ({len(x)}, C) one-hot")
+        labels = validate_targets(y, num_classes if num_classes else int(y.max()) + 1)
+    c = num_classes if num_classes else max(int(labels.max()) + 1, 1)
+    return Dataset(path.name, "file", np.ascontiguousarray(x), labels, c)
+
+
+def concat_datasets(base: Dataset, extra: list[Dataset]) -> Dataset:
+    """``base`` with the images of ``extra`` appended (same image shape; labels required)."""
+    images, labels = [base.images], [base.labels]
+    for e in extra:
+        if e.image_shape != base.image_shape:
+            raise CfjaxError(f"--extra-train {e.name}: images of shape {e.image_shape}, but {base.name} has {base.image_shape}")
+        if np.any(e.labels < 0) or np.any(e.labels >= base.num_classes):
+            raise CfjaxError(f"--extra-train {e.name}: needs labels y in 0..{base.num_classes - 1}")
+        images.append(e.images)
+        labels.append(e.labels)
+    name = "+".join([base.name] + [e.name for e in extra])
+    return Dataset(name, base.split, np.concatenate(images), np.concatenate(labels).astype(np.int32), base.num_classes)
+
+
 def load_dataset(name: str = "mnist5k", split: str = "train", data_dir: str | os.PathLike | None = None) -> Dataset:
     """Load ``split`` of dataset ``name`` as a :class:`Dataset` (float32 [0, 1], NHWC)."""
     if not isinstance(name, str) or not name:
         raise CfjaxError(f"dataset name must be a non-empty string, got {name!r}")
     if name in EMBEDDED:
         return _load_embedded(name, split)
+    if idx_files(data_dir, split) is not None:
+        return _load_idx(name, split, data_dir)
     return _load_tfds(name, split, None if data_dir is None else str(data_dir))
 
 

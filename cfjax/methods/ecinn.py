@@ -91,6 +91,11 @@ def latent_step(
     alpha = _step_fn(step)(alpha0)
     alpha = jnp.where(same, 0.0, alpha)
     alpha0 = jnp.where(same, 0.0, alpha0)
+    # JAX clamps out-of-range gathers: an invalid class must give NaN, never another class's answer.
+    c = mu.shape[0]
+    bad = (source < 0) | (source >= c) | (target < 0) | (target >= c)
+    alpha = jnp.where(bad, jnp.nan, alpha)
+    alpha0 = jnp.where(bad, jnp.nan, alpha0)
     return z + alpha[:, None] * d, alpha0, alpha
 
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from cfjax.errors import CfjaxError
 from cfjax.models import latent as latent_lib
+from cfjax.models import ibinn
 from cfjax.models.glow import GlowConfig, glow_forward, glow_inverse, init_glow
+from cfjax.models.ibinn import IBINNConfig
 from cfjax.models.latent import LatentConfig
 
 
@@ -35,7 +38,7 @@ PREPROCESS = ("logit", "affine")
 
 @dataclass(frozen=True)
 class FlowClassifierConfig:
-    glow: GlowConfig = field(default_factory=GlowConfig)
+    glow: GlowConfig | IBINNConfig = field(default_factory=GlowConfig)  # the flow (either architecture)
     latent: LatentConfig = field(default_factory=LatentConfig)
     noise_sigma: float = 0.01        # training-time Gaussian input noise (after U(0, 1/256) dequantisation)
     dequantize_bins: int = 256
@@ -74,7 +77,7 @@ class FlowClassifierConfig:
     def from_dict(cls, d: dict) -> "FlowClassifierConfig":
         try:
             return cls(
-                glow=GlowConfig.from_dict(d["glow"]),
+                glow=flow_config_from_dict(d["glow"]),
                 latent=LatentConfig.from_dict(d["latent"]),
                 noise_sigma=float(d.get("noise_sigma", 0.01)),
                 dequantize_bins=int(d.get("dequantize_bins", 256)),
@@ -85,10 +88,25 @@ class FlowClassifierConfig:
             raise CfjaxError(f"not a flow-classifier config ({type(e).__name__}: {e})") from e
 
 
+def flow_config_from_dict(d: dict) -> GlowConfig | IBINNConfig:
+    """The flow's config from its dict; ``"arch": "ibinn"`` marks the IB-INN network, else Glow."""
+    return IBINNConfig.from_dict(d) if d.get("arch") == ibinn.ARCH else GlowConfig.from_dict(d)
+
+
+def is_ibinn(config: FlowClassifierConfig) -> bool:
+    return isinstance(config.glow, IBINNConfig)
+
+
 def init_flow_classifier(key: jax.Array, config: FlowClassifierConfig, x_init: jax.Array) -> dict:
-    """x_init (B, H, W, C) in [0, 1]: a batch for the data-dependent ActNorm initialisation."""
+    """x_init (B, H, W, C) in [0, 1]: a batch for the data-dependent initialisation (Glow's ActNorm,
+    IB-INN's BatchNorm running statistics)."""
     k_glow, k_lat = jax.random.split(key)
-    glow = init_glow(k_glow, config.glow, to_flow_space(config, jnp.asarray(x_init, jnp.float32))[0])
+    u = to_flow_space(config, jnp.asarray(x_init, jnp.float32))[0]
+    if is_ibinn(config):
+        glow = ibinn.init_ibinn(k_glow, config.glow)
+        glow = dict(glow, bn=_batch_stats(glow, config.glow, u))
+    else:
+        glow = init_glow(k_glow, config.glow, u)
     lat = latent_lib.init_latent(k_lat, config.latent, config.latent_dim)
     return {"glow": glow, "latent": lat, "class_means": jnp.array(lat["mu"])}
 
@@ -112,15 +130,49 @@ def from_flow_space(config: FlowClassifierConfig, u: jax.Array) -> jax.Array:
     return (jax.nn.sigmoid(u) - a) / (1.0 - 2.0 * a)
 
 
+@partial(jax.jit, static_argnums=1)
+def _batch_stats(flow_params: dict, config: IBINNConfig, u: jax.Array) -> dict:
+    """BatchNorm statistics of the batch u (flow space) at every layer, no dropout."""
+    return ibinn.ibinn_forward(flow_params, config, u, train=True, dropout=False)[2]
+
+
+def refresh_batch_stats(params: dict, config: FlowClassifierConfig, x: jax.Array, key: jax.Array) -> dict:
+    """IB-INN only: replace the BN running statistics by those of the (dequantised) batch x.
+
+    With PyTorch momentum 0.999 the running statistics are those of the last training batch;
+    one large batch gives the eval-mode network less noisy ones. Glow params pass through.
+    """
+    if not is_ibinn(config):
+        return params
+    u = to_flow_space(config, dequantize(key, config, jnp.asarray(x, jnp.float32)))[0]
+    return dict(params, glow=dict(params["glow"], bn=_batch_stats(params["glow"], config.glow, u)))
+
+
 def encode(params: dict, config: FlowClassifierConfig, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x (B, H, W, C) in [0, 1] -> (z (B, D), log|det dz/dx| (B,))."""
+    """x (B, H, W, C) in [0, 1] -> (z (B, D), log|det dz/dx| (B,)) (eval mode)."""
     u, ld_pre = to_flow_space(config, x)
-    z, logdet = glow_forward(params["glow"], config.glow, u)
+    if is_ibinn(config):
+        z, logdet, _ = ibinn.ibinn_forward(params["glow"], config.glow, u)
+    else:
+        z, logdet = glow_forward(params["glow"], config.glow, u)
     return z, logdet + ld_pre
+
+
+def encode_train(params: dict, config: FlowClassifierConfig, x: jax.Array, key: jax.Array):
+    """Training-mode encode: (z, logdet, new flow params) — IB-INN updates its BN statistics and
+    applies dropout (keyed by ``key``); Glow is the same as :func:`encode`."""
+    u, ld_pre = to_flow_space(config, x)
+    if is_ibinn(config):
+        z, logdet, bn = ibinn.ibinn_forward(params["glow"], config.glow, u, train=True, key=key)
+        return z, logdet + ld_pre, dict(params["glow"], bn=bn)
+    z, logdet = glow_forward(params["glow"], config.glow, u)
+    return z, logdet + ld_pre, params["glow"]
 
 
 def decode(params: dict, config: FlowClassifierConfig, z: jax.Array) -> jax.Array:
     """z (B, D) -> x (B, H, W, C), nominally in [0, 1] (not clipped)."""
+    if is_ibinn(config):
+        return from_flow_space(config, ibinn.ibinn_inverse(params["glow"], config.glow, z))
     return from_flow_space(config, glow_inverse(params["glow"], config.glow, z))
 
 
@@ -148,9 +200,15 @@ def dequantize(key: jax.Array, config: FlowClassifierConfig, x: jax.Array) -> ja
 
 
 def loss_fn(params: dict, config: FlowClassifierConfig, x: jax.Array, labels: jax.Array, key: jax.Array):
-    """IB-INN training loss on a batch: x (B, H, W, C) in [0, 1], labels (B,)."""
-    z, logdet = encode(params, config, dequantize(key, config, x))
+    """IB-INN training loss on a batch: x (B, H, W, C) in [0, 1], labels (B,).
+
+    ``aux["flow"]`` holds the flow parameters after the training-mode pass (new BN statistics for
+    the IB-INN network); the trainer writes them back after the gradient step."""
+    # Glow has no dropout: its dequantisation noise keeps using ``key`` itself.
+    k_noise, k_drop = jax.random.split(key) if is_ibinn(config) else (key, key)
+    z, logdet, flow = encode_train(params, config, dequantize(k_noise, config, x), k_drop)
     loss, aux = latent_lib.ib_loss(params["latent"], config.latent, z, logdet, labels)
+    aux["flow"] = flow
     aux["bpd"] = jnp.mean(latent_lib.bits_per_dim(aux.pop("nll_per_dim"), config.dequantize_bins))
     return loss, aux
 

@@ -29,16 +29,16 @@ REQUIRED_KEYS = ("x", "x_cf", "y", "y_pred", "y_target", "y_cf_pred")
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="mnist5k", help=f"dataset name (default mnist5k, embedded; others via tfds: {', '.join(available_datasets()[2:])})")
-    p.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding a prepared copy (never downloads)")
+    p.add_argument("--data", default="mnist5k", help=f"dataset name (default mnist5k, embedded; others via tfds: {', '.join(available_datasets()[2:])}) or a .npz file with x (N, H, W, C) uint8/[0, 1] floats and optional y")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding a prepared copy, or a folder of the four MNIST-style IDX files (never downloads)")
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory (default: the shipped model for --data)")
+    p.add_argument("--model", default=None, help="model directory or the name of a shipped model (mnist5k, fakemnist5k); default: the shipped model for --data")
     add_data_arguments(p)
-    p.add_argument("--split", default="test", help="dataset split to explain (default test)")
+    p.add_argument("--split", default=None, help="dataset split to explain (default test; not with a file --data)")
     p.add_argument("--limit", default="64", help="number of queries, or 'all' (default 64)")
-    p.add_argument("--target", default="next", help="'next' = (predicted class + 1) mod C, or a class index K")
+    p.add_argument("--target", default="next", help="'next' = (predicted class + 1) mod C, a class index K, or a .npy of one class index per query (file order, after --limit)")
     p.add_argument("--out", required=True, help="output CF.npz")
     p.add_argument("--png", default=None, help="also write a picture grid: query | counterfactual | difference | heatmap")
     p.add_argument("--batch-size", type=int, default=256, help="queries per compiled batch (default 256)")
@@ -79,11 +79,83 @@ def process_layout(args) -> tuple[int, int]:
     return index, count
 
 
+def is_data_file(data: str) -> bool:
+    """--data names a file (an .npz path) rather than a dataset."""
+    return str(data).lower().endswith(".npz") or os.sep in str(data)
+
+
+def query_split(args) -> str:
+    """The split to explain: --split (default test); refused with a file --data (a file is one split)."""
+    if is_data_file(args.data):
+        if getattr(args, "split", None) is not None:
+            raise CfjaxError(f"--split {args.split}: a file --data {args.data} is one split; leave --split out")
+        return "file"
+    return args.split or "test"
+
+
+def resolve_model_dir(args, kind: str) -> Path:
+    """--model as a directory or a shipped model's name; without it, the shipped model for --data."""
+    from cfjax.pretrained import default_model_dir, is_shipped_name
+
+    if args.model:
+        if not Path(args.model).exists() and is_shipped_name(kind, args.model):
+            return default_model_dir(kind, args.model)
+        return Path(args.model)
+    if is_data_file(args.data):
+        raise CfjaxError(f"--data {args.data} is a file: say which model explains it with --model (a directory or a shipped name such as mnist5k)")
+    return default_model_dir(kind, args.data)
+
+
+def target_file(spec) -> np.ndarray | None:
+    """The per-query targets of a --target .npy file (validated later against the model), or None."""
+    s = str(spec)
+    if not s.lower().endswith(".npy"):
+        return None
+    path = Path(s)
+    if not path.is_file():
+        raise CfjaxError(f"--target {s}: file does not exist")
+    try:
+        t = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise CfjaxError(f"--target {s} is not a readable .npy ({type(e).__name__}: {e})") from None
+    if t.ndim != 1:
+        raise CfjaxError(f"--target {s} must hold one class index per query (shape (N,)), got shape {t.shape}")
+    if not (np.issubdtype(t.dtype, np.integer) or (np.issubdtype(t.dtype, np.floating) and np.all(np.isfinite(t)) and np.all(t == np.round(t)))):
+        raise CfjaxError(f"--target {s} must hold integer class indices, got dtype {t.dtype}")
+    return t.astype(np.int64)
+
+
+def target_header(spec) -> str:
+    """How a run records --target: the spec, or for a file its name and SHA-256."""
+    if target_file(spec) is None:
+        return str(spec)
+    import hashlib
+
+    return f"{spec} sha256:{hashlib.sha256(Path(spec).read_bytes()).hexdigest()}"
+
+
+def targets_for(spec, n: int, num_classes: int):
+    """--target as explain_arrays takes it: 'next', an int, or (n,) validated class indices."""
+    t = target_file(spec)
+    if t is None:
+        resolve_targets(spec, np.zeros(1, np.int32), num_classes)
+        return str(spec)
+    if len(t) != n:
+        raise CfjaxError(f"--target {spec} holds {len(t)} targets but there are {n} queries (after --limit)")
+    if t.size and (t.min() < 0 or t.max() >= num_classes):
+        raise CfjaxError(f"--target {spec}: class {int(t.max() if t.max() >= num_classes else t.min())} is outside the model's classes 0..{num_classes - 1}")
+    return t.astype(np.int32)
+
+
 def open_queries(args):
     """A SplitReader over --data/--split and the number of queries --limit asks for."""
-    from cfjax.data import open_split
+    from cfjax.data import open_split, reader_from_arrays
 
-    reader = open_split(args.data, args.split, args.data_dir)
+    split = query_split(args)
+    if split == "file":
+        reader = reader_from_arrays(load_dataset_file(args.data))
+    else:
+        reader = open_split(args.data, split, args.data_dir)
     limit = parse_limit(args.limit)
     return reader, len(reader) if limit is None else min(limit, len(reader))
 
@@ -100,9 +172,17 @@ def parse_limit(limit) -> int | None:
     return n
 
 
+def load_dataset_file(path) -> Dataset:
+    from cfjax.data import load_npz_dataset
+
+    return load_npz_dataset(path)
+
+
 def load_queries(args) -> Dataset:
-    ds = load_dataset(args.data, args.split, args.data_dir)
-    return ds.take(parse_limit(args.limit))
+    split = query_split(args)
+    limit = parse_limit(args.limit)  # before the (slower) load
+    ds = load_dataset_file(args.data) if split == "file" else load_dataset(args.data, split, args.data_dir)
+    return ds.take(limit)
 
 
 def resolve_targets(spec, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -131,7 +211,28 @@ def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
         raise CfjaxError(f"{what} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise CfjaxError(f"{what} {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CfjaxError(f"{what} {path} exists and is not writable")
     return path
+
+
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_picture(path, out=None, what: str = "--png") -> Path:
+    """A picture path that can be written, with a supported suffix, not the same file as --out."""
+    p = check_writable(path, what)
+    if p.suffix.lower() not in PICTURE_SUFFIXES:
+        raise CfjaxError(f"{what} {path}: unsupported picture type {p.suffix or '(none)'}; use one of {', '.join(PICTURE_SUFFIXES)}")
+    if out is not None and Path(out).resolve() == p.resolve():
+        raise CfjaxError(f"{what} {path} is the same file as --out; choose another name")
+    return p
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
@@ -141,6 +242,7 @@ def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
     os.close(fd)
     try:
         np.savez_compressed(tmp, **arrays)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs follow the user's umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -168,4 +270,12 @@ def load_cf_npz(path: str | os.PathLike) -> dict:
     for k in REQUIRED_KEYS[2:]:
         if data[k].shape != (n,):
             raise CfjaxError(f"{path}: {k} must have shape ({n},), got {data[k].shape}")
+    for k in ("x", "x_cf"):
+        a = data[k]
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CfjaxError(f"{path}: {k} must be float images in [0, 1], got dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise CfjaxError(f"{path}: {k} holds NaN or infinite values")
+        if a.size and (float(a.min()) < -1e-6 or float(a.max()) > 1 + 1e-6):
+            raise CfjaxError(f"{path}: {k} must lie in [0, 1], got values in [{float(a.min()):.4g}, {float(a.max()):.4g}]")
     return data

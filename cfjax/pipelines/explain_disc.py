@@ -26,7 +26,12 @@ from cfjax.methods import disc
 from cfjax.pipelines.explain_common import (
     add_explain_arguments,
     add_shard_arguments,
+    check_picture,
     check_writable,
+    resolve_model_dir,
+    target_file,
+    target_header,
+    targets_for,
     load_queries,
     open_queries,
     process_layout,
@@ -170,20 +175,24 @@ def run(args) -> int:
         return run_sharded(args, config)
     check_writable(args.out)
     if args.png:
-        check_writable(args.png, "--png")
-    model_dir = args.model or default_model_dir("classifier", args.data)
+        check_picture(args.png, args.out)
+    if target_file(args.target) is None:
+        resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)  # the format; the range needs the model
+    queries = load_queries(args)  # first: an unknown dataset or a bad file is named as such
+    model_dir = resolve_model_dir(args, "classifier")
     apply_fn, variables, cconfig, _ = load_classifier(model_dir)
     duq = None
     if args.manifold == "duq":
         duq_dir = args.duq or default_model_dir("duq", args.data)
         duq = duq_from_dir(duq_dir)
-    queries = load_queries(args)
     if queries.image_shape != tuple(cconfig.image_shape):
         raise CfjaxError(f"--data {args.data} images are {queries.image_shape} but the model {model_dir} expects {tuple(cconfig.image_shape)}")
     x = validate_images(queries.images, tuple(cconfig.image_shape), f"--data {args.data} images")
     t0 = time.perf_counter()
+    target = targets_for(args.target, len(x), cconfig.num_classes)
     y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, args.batch_size), -1).astype(np.int32)
-    targets = validate_targets(resolve_targets(args.target, y_pred, cconfig.num_classes), cconfig.num_classes, len(x))
+    targets = target if isinstance(target, np.ndarray) else resolve_targets(target, y_pred, cconfig.num_classes)
+    targets = validate_targets(targets, cconfig.num_classes, len(x))
     res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=args.quiet, devices=args.devices)
     seconds = time.perf_counter() - t0
     traj = res.pop("trajectory")
@@ -203,7 +212,7 @@ def run(args) -> int:
         save_counterfactual_grid(
             args.png, x, res["x_cf"], res["y_pred"], res["y_target"], res["y_cf_pred"],
             p_pred=res["p_pred"], p_cf=res["p_cf"],
-            title=f"DISC on {args.data}/{args.split}: flip rate {flip:.1%}",
+            title=f"DISC on {queries.name}/{queries.split}: flip rate {flip:.1%}",
         )
         print(f"grid -> {args.png}")
     return 0
@@ -227,20 +236,22 @@ def run_sharded(args, config: disc.DISCConfig) -> int:
     if args.batch_size <= 0:
         raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
     pi, pc = process_layout(args)
-    model_dir = args.model or default_model_dir("classifier", args.data)
+    if target_file(args.target) is None:
+        resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)
+    reader, n = open_queries(args)
+    model_dir = resolve_model_dir(args, "classifier")
     apply_fn, variables, cconfig, _ = load_classifier(model_dir)
     duq, duq_dir = None, None
     if args.manifold == "duq":
         duq_dir = args.duq or default_model_dir("duq", args.data)
         duq = duq_from_dir(duq_dir)
-    reader, n = open_queries(args)
     if reader.image_shape != tuple(cconfig.image_shape):
         raise CfjaxError(f"--data {args.data} images are {reader.image_shape} but the model {model_dir} expects {tuple(cconfig.image_shape)}")
-    resolve_targets(args.target, np.zeros(1, np.int32), cconfig.num_classes)  # validates --target before any work
+    target = targets_for(args.target, n, cconfig.num_classes)  # validates --target before any work
     ndev = mesh_size(batch_mesh(args.devices))
     header = {
         "method": "disc", "model": str(model_dir), "data": args.data, "split": args.split, "data_dir": args.data_dir,
-        "limit": str(args.limit), "target": str(args.target),
+        "limit": str(args.limit), "target": target_header(args.target),
         "settings": {"disc": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
                      "manifold": args.manifold, "duq": None if duq_dir is None else str(duq_dir),
                      "batch_size": args.batch_size, "devices": ndev, "seed": args.seed},
@@ -251,7 +262,8 @@ def run_sharded(args, config: disc.DISCConfig) -> int:
         x, y = reader.read(start, stop)
         x = validate_images(x, tuple(cconfig.image_shape), f"--data {args.data} images")
         y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, args.batch_size), -1).astype(np.int32)
-        targets = validate_targets(resolve_targets(args.target, y_pred, cconfig.num_classes), cconfig.num_classes, len(x))
+        t = target[start:stop] if isinstance(target, np.ndarray) else resolve_targets(target, y_pred, cconfig.num_classes)
+        targets = validate_targets(t, cconfig.num_classes, len(x))
         res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=True,
                              devices=args.devices, index_offset=start, pad_batch=True, on_batch=advance)
         traj, stage_success = res.pop("trajectory"), res.pop("stage_success")

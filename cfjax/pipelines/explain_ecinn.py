@@ -21,8 +21,13 @@ from cfjax.models import flow_classifier as fc
 from cfjax.pipelines.explain_common import (
     add_explain_arguments,
     add_shard_arguments,
+    check_picture,
     check_writable,
     load_queries,
+    resolve_model_dir,
+    target_file,
+    target_header,
+    targets_for,
     open_queries,
     process_layout,
     resolve_targets,
@@ -130,44 +135,63 @@ def _parse_step(s: str):
         return s
 
 
+def _check_options(args) -> object:
+    """The settings that need no model, checked before any load; returns the parsed step."""
+    if args.batch_size <= 0:
+        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.refine < 0:
+        raise CfjaxError(f"--refine must be >= 0, got {args.refine}")
+    step = _parse_step(args.step)
+    if isinstance(step, float) and not np.isfinite(step):
+        raise CfjaxError(f"--step must be a rule name or a finite number, got {args.step!r}")
+    ecinn._step_fn(step)
+    if args.direction not in ecinn.DIRECTIONS:
+        raise CfjaxError(f"unknown --direction {args.direction!r}: choose one of {', '.join(ecinn.DIRECTIONS)}")
+    if target_file(args.target) is None:
+        resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)  # the format; the range needs the model
+    return step
+
+
+def _validity_line(res: dict) -> tuple[float, str]:
+    """Validity counts a counterfactual only when the target differs from the model's prediction."""
+    same = res["y_pred"] == res["y_target"]
+    validity = float(np.mean((res["y_cf_pred"] == res["y_target"]) & ~same))
+    note = f" ({int(same.sum())} target(s) equal to the prediction, not counted as valid)" if same.any() else ""
+    return validity, note
+
+
 def run(args) -> int:
     from cfjax.pipelines.train_flow import load_flow
-    from cfjax.pretrained import default_model_dir
 
     if wants_shards(args):
         return run_sharded(args)
     check_writable(args.out)
     if args.png:
-        check_writable(args.png, "--png")
-    # settings that need no model are checked before the (slow) model load
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.refine < 0:
-        raise CfjaxError(f"--refine must be >= 0, got {args.refine}")
-    ecinn._step_fn(_parse_step(args.step))
-    resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)  # the format; the range needs the model
+        check_picture(args.png, args.out)
+    step = _check_options(args)
     queries = load_queries(args)  # first: an unknown dataset is named as such
-    model_dir = args.model or default_model_dir("flow", args.data)
+    model_dir = resolve_model_dir(args, "flow")
     params, config, info = load_flow(model_dir)
     if queries.image_shape != config.image_shape:
         raise CfjaxError(f"--data {args.data} images are {queries.image_shape} but the model {model_dir} expects {config.image_shape}")
+    target = targets_for(args.target, len(queries), config.num_classes)
     t0 = time.perf_counter()
-    res = explain_arrays(params, config, queries.images, args.target, _parse_step(args.step), args.direction, args.batch_size, quiet=args.quiet, refine=args.refine, devices=args.devices)
+    res = explain_arrays(params, config, queries.images, target, step, args.direction, args.batch_size, quiet=args.quiet, refine=args.refine, devices=args.devices)
     seconds = time.perf_counter() - t0
     save_npz_atomic(
         args.out, x=queries.images, y=queries.labels, method=np.array("ecinn"), model=np.array(str(model_dir)),
         seconds=np.float32(seconds), **res,
     )
-    validity = float(np.mean(res["y_cf_pred"] == res["y_target"]))
+    validity, note = _validity_line(res)
     print(f"ECINN: {len(queries)} counterfactuals in {seconds:.2f}s ({1000 * seconds / len(queries):.2f} ms each, compile included); "
-          f"validity {validity:.4f} -> {args.out}")
+          f"validity {validity:.4f}{note} -> {args.out}")
     if args.png:
         from cfjax.plotting import save_counterfactual_grid
 
         save_counterfactual_grid(
             args.png, queries.images, res["x_cf"], res["y_pred"], res["y_target"], res["y_cf_pred"],
             heatmap=res["heatmap"], p_pred=res["p_pred"], p_cf=res["p_cf"],
-            title=f"ECINN on {args.data}/{args.split}: validity {validity:.1%}",
+            title=f"ECINN on {queries.name}/{queries.split}: validity {validity:.1%}",
         )
         print(f"grid -> {args.png}")
     return 0
@@ -182,27 +206,21 @@ def run_sharded(args) -> int:
     from cfjax.pipelines import shards as sh
     from cfjax.pipelines.sharding import batch_mesh, mesh_size
     from cfjax.pipelines.train_flow import load_flow
-    from cfjax.pretrained import default_model_dir
 
     if args.png:
         raise CfjaxError("--png draws one grid from one CF.npz; with --shards, plot a shard instead")
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
+    step = _check_options(args)
     pi, pc = process_layout(args)
     reader, n = open_queries(args)
-    model_dir = args.model or default_model_dir("flow", args.data)
+    model_dir = resolve_model_dir(args, "flow")
     params, config, info = load_flow(model_dir)
     if reader.image_shape != config.image_shape:
         raise CfjaxError(f"--data {args.data} images are {reader.image_shape} but the model {model_dir} expects {config.image_shape}")
-    step = _parse_step(args.step)
-    resolve_targets(args.target, np.zeros(1, np.int32), config.num_classes)  # validates --target before any work
-    ecinn._step_fn(step)
-    if args.refine < 0:
-        raise CfjaxError(f"--refine must be >= 0, got {args.refine}")
+    target = targets_for(args.target, n, config.num_classes)  # validates --target before any work
     ndev = mesh_size(batch_mesh(args.devices))
     header = {
         "method": "ecinn", "model": str(model_dir), "data": args.data, "split": args.split, "data_dir": args.data_dir,
-        "limit": str(args.limit), "target": str(args.target),
+        "limit": str(args.limit), "target": target_header(args.target),
         "settings": {"step": args.step, "refine": args.refine, "direction": args.direction,
                      "batch_size": args.batch_size, "devices": ndev, "seed": args.seed},
     }
@@ -210,7 +228,8 @@ def run_sharded(args) -> int:
 
     def compute(start, stop, advance):
         x, y = reader.read(start, stop)
-        res = explain_arrays(params, config, x, args.target, step, args.direction, args.batch_size, quiet=True,
+        t = target[start:stop] if isinstance(target, np.ndarray) else target
+        res = explain_arrays(params, config, x, t, step, args.direction, args.batch_size, quiet=True,
                              refine=args.refine, devices=args.devices, pad_batch=True, on_batch=advance)
         return {"x": x, "y": y, "method": np.array("ecinn"), "model": np.array(str(model_dir)), **res}
 

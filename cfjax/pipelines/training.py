@@ -11,6 +11,7 @@ exact sequence of an uninterrupted one, mid-epoch included.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,11 @@ def check_out_dir(out: Path, resume: bool) -> None:
     """Refuse to overwrite an existing model unless resuming."""
     if out.exists() and not out.is_dir():
         raise CfjaxError(f"--out {out} exists and is not a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not out.exists() and not parent.is_dir():
+        raise CfjaxError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(out if out.exists() else parent, os.W_OK):
+        raise CfjaxError(f"--out {out}: {'directory' if out.exists() else parent} is not writable")
     has_model = (out / ckpt.MODEL_FILE).exists() or (out / ckpt.CKPT_SUBDIR).exists()
     if has_model and not resume:
         raise CfjaxError(f"{out} already holds a model: pass --resume to continue it, or choose another --out")
@@ -69,10 +75,13 @@ def fit(
     checkpoint_every: int = 200,
     max_steps: int | None = None,
     quiet: bool = False,
+    total_steps: int | None = None,
 ) -> tuple[Any, dict]:
     """Train, checkpointing every ``checkpoint_every`` steps and at the end; returns (state, metrics).
 
     ``max_steps`` stops early (after saving), which tests use to simulate a killed run.
+    ``total_steps`` sets the length of the run in steps (default ``epochs`` x steps per epoch).
+    A resumed run must have the same length: extending a run would change its schedule.
     """
     out = Path(out)
     if epochs <= 0:
@@ -83,8 +92,13 @@ def fit(
     if n < batch_size:
         raise CfjaxError(f"--batch-size {batch_size} is larger than the training set ({n} images)")
     check_out_dir(out, resume)
+    if checkpoint_every <= 0:
+        raise CfjaxError(f"--checkpoint-every must be positive, got {checkpoint_every}")
     steps_per_epoch = n // batch_size  # drop the ragged last batch: one compiled shape
-    total_steps = epochs * steps_per_epoch
+    if total_steps is None:
+        total_steps = epochs * steps_per_epoch
+    elif total_steps <= 0:
+        raise CfjaxError(f"--steps must be positive, got {total_steps}")
 
     state = spec.init_state()
     start_step = 0
@@ -108,6 +122,12 @@ def fit(
                 f"--resume: {out} was trained with seed {meta.get('seed')} and batch size "
                 f"{meta.get('batch_size')}; resume with the same values"
             )
+        before = meta.get("total_steps", meta.get("epochs", epochs) * steps_per_epoch)
+        if before != total_steps:
+            raise CfjaxError(
+                f"--resume: {out} is a run of {before} steps ({meta.get('epochs')} epochs); this command asks for "
+                f"{total_steps} (--epochs {epochs}); resume with the same --epochs/--steps (a longer run changes the schedule)"
+            )
     else:
         ckpt.write_model_info(out, spec.kind, spec.config, status="training", dataset=train.name, **spec.info)
 
@@ -115,7 +135,7 @@ def fit(
 
     def save(step: int, state) -> None:
         elapsed = seconds_before + time.perf_counter() - t0
-        meta = {"seed": seed, "batch_size": batch_size, "epochs": epochs, "train_seconds": elapsed, "images_seen": images_before + images_seen}
+        meta = {"seed": seed, "batch_size": batch_size, "epochs": epochs, "total_steps": total_steps, "train_seconds": elapsed, "images_seen": images_before + images_seen}
         ckpt.save_checkpoint(out, step, state, meta)
 
     history: list[dict] = []
@@ -128,6 +148,8 @@ def fit(
             epoch, pos = divmod(step, steps_per_epoch)
             order = np.random.default_rng(seed + epoch).permutation(n)
             for b in range(pos, steps_per_epoch):
+                if step >= total_steps:
+                    break
                 idx = order[b * batch_size : (b + 1) * batch_size]
                 key = jax.random.fold_in(base_key, step)
                 state, metrics = spec.train_step(state, train.images[idx], train.labels[idx], key)

@@ -23,3 +23,8 @@ def default_model_dir(kind: str, dataset: str) -> Path:
             f"train one with `cfjax train {kind} --data {dataset} --out DIR` and pass --model DIR"
         )
     return path
+
+
+def is_shipped_name(kind: str, name: str) -> bool:
+    """Whether ``name`` (e.g. ``mnist5k``) names a shipped model of ``kind``."""
+    return "/" not in str(name) and (PRETRAINED_DIR / f"{name}_{kind}" / "cfjax_model.json").exists()
