@@ -29,7 +29,7 @@ def load():
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
 
-    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    params, config, _ = load_flow(default_model_dir("flow", "mnist5k_glow"))
     twin = TwinFlowClassifier(params, config).eval()
     images = load_dataset("mnist5k", "test").images
     return params, config, twin, images, torch
@@ -122,7 +122,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
         prev = row
         log(f"ecinn batch {b}: cfjax {b / tj:.0f} cf/s, twin {b / tt:.0f} cf/s, speedup {tt / tj:.2f}x")
     common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
-    res["settings"] = {"model": "cfjax/pretrained/mnist5k_flow", "step": STEP, "direction": DIRECTION, "refine": REFINE,
+    res["settings"] = {"model": "cfjax/pretrained/mnist5k_glow_flow", "step": STEP, "direction": DIRECTION, "refine": REFINE,
                        "target": "next", "repeats": reps, "timing": "median of interleaved repeats after one warm-up call",
                        "twin": "FrEIA SequenceINN, torch eager, inference_mode", "cfjax": "jax.jit of encode + counterfactual_from_latent",
                        "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one call at the headline batch"}

@@ -35,7 +35,7 @@ def load(trainable=True):
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
 
-    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    params, config, _ = load_flow(default_model_dir("flow", "mnist5k_glow"))
     train = load_dataset("mnist5k", "train")
     return params, config, train, torch
 
@@ -183,7 +183,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
         prev = row
         log(f"train_flow batch {b}: cfjax {b / tj:.0f} img/s, twin {b / tw:.0f} img/s, speedup {tw / tj:.2f}x")
     common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 2.0)
-    res["settings"] = {"model": "cfjax/pretrained/mnist5k_flow (starting weights)", "lr": LR, "total_steps_schedule": TOTAL_STEPS,
+    res["settings"] = {"model": "cfjax/pretrained/mnist5k_glow_flow (starting weights)", "lr": LR, "total_steps_schedule": TOTAL_STEPS,
                        "repeats": reps, "timing": "median of interleaved single steps after two warm-up steps",
                        "cfjax": "cfjax.pipelines.train_flow.build_spec(...).train_step (jit; no buffer donation)",
                        "twin": "FrEIA SequenceINN with a plain-torch LU 1x1 conv, torch eager, AdamW + Adam, clip_grad_norm_",

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     for d in args.devices:
         if args.batch % d:
             raise SystemExit(f"--batch {args.batch} is not divisible by {d} devices")
-    params0, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    params0, config, _ = load_flow(default_model_dir("flow", "mnist5k_glow"))
     test = load_dataset("mnist5k", "test").images
     x = np.resize(test, (args.batch,) + test.shape[1:]).astype(np.float32)  # repeats the split if the batch is larger
     tk = np.zeros(args.batch, np.int32)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "device": {**cpu_description(), "jax_platform": dev.platform, "jax_device_kind": getattr(dev, "device_kind", ""),
                    "local_devices": jax.local_device_count(), "forced_host_devices": forced},
         "versions": versions(),
-        "settings": {"method": "ecinn", "model": "mnist5k_flow (shipped)", "global_batch": args.batch, "target": "next",
+        "settings": {"method": "ecinn", "model": "mnist5k_glow_flow (shipped)", "global_batch": args.batch, "target": "next",
                      **static, "repeats": args.repeats, "warmup": args.warmup, "timing": "median of interleaved repeats, block_until_ready",
                      "xla_flags": os.environ.get("XLA_FLAGS", ""), "command": "python -m benchmarks.scaling " + " ".join(argv or sys.argv[1:])},
         "rows": out_rows,

@@ -78,6 +78,33 @@ def judge_row(js: dict, images: np.ndarray, target: np.ndarray, valid: np.ndarra
     return row
 
 
+def marker_switched(x_cf: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """FakeMNIST's ground truth: the target's marker pixel (row = class, column 0) on, the
+    query's off (threshold 0.5). x_cf (N, 28, 28[, 1]) in [0, 1]."""
+    col = x_cf.reshape(len(x_cf), 28, 28)[:, :, 0]
+    idx = np.arange(len(x_cf))
+    return (col[idx, target] > 0.5) & (col[idx, source] < 0.5)
+
+
+def fakemnist_rows(ref: Path, args) -> dict:
+    real = np.load(ref / "fakemnist_test_real.npz")
+    x = real["x"].astype(np.float32) / 255.0
+    gen = np.load(ref / "fakemnist_cf_GEN.npz")
+    q = gen["q"].astype(np.int32)
+    ok = q >= 0
+    label = real["y"].argmax(1)
+    rows = {"authors GEN": {"marker_switched": rate(marker_switched(gen["cfs"][ok] / 255.0, gen["orig_pred"][ok], q[ok])),
+                            "mean_abs_change": round(float(np.mean(np.abs(gen["cfs"][ok][..., None] / 255.0 - x[ok]))), 4)}}
+    ex = Explainer.load(args.fakemnist_model, step=args.step, refine=args.refine, direction=args.direction)
+    out = ex.explain(x[ok], target=q[ok])
+    x_cf = np.round(np.clip(out["x_cf"], 0, 1) * 255) / 255
+    rows["cfjax ECINN"] = {"marker_switched": rate(marker_switched(x_cf, out["y_pred"], q[ok])),
+                           "validity": rate((ex.predict(x_cf) == q[ok]) & (out["y_pred"] != q[ok])),
+                           "model_accuracy": round(float(np.mean(out["y_pred"] == label[ok])), 4),
+                           "mean_abs_change": round(float(np.mean(np.abs(x_cf - x[ok]))), 4)}
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="cfjax flow model directory")
@@ -86,6 +113,7 @@ def main(argv=None) -> dict:
     p.add_argument("--refine", type=int, default=0)
     p.add_argument("--direction", default="predicted_means")
     p.add_argument("--judge-cache", default=str(Path.home() / ".cache/cfjax/judges_mnist9k.npz"))
+    p.add_argument("--fakemnist-model", default=None, help="a flow cfjax trained on fakemnist5k: adds the marker test on the authors' FakeMNIST test images")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None, help="picture: query | authors' GEN | cfjax, 20 held-out queries")
     args = p.parse_args(argv)
@@ -119,8 +147,12 @@ def main(argv=None) -> dict:
     o5 = ex.explain(test.images, target="next")
     x5 = np.clip(o5["x_cf"], 0.0, 1.0)
     rows["cfjax ECINN, mnist5k test 300, next"] = judge_row(js, x5, o5["y_target"], (ex.predict(x5) == o5["y_target"]))
+    fake = fakemnist_rows(ref, args) if args.fakemnist_model else None
     result = {"model": str(args.model), "step": args.step, "refine": args.refine, "direction": args.direction,
               "queries": "MNIST test 5000-9999, authors' targets", "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    if fake is not None:
+        result["fakemnist_reference"] = fake
+        print("FakeMNIST marker switched:", json.dumps({k: v["marker_switched"] for k, v in fake.items()}))
     for name, row in rows.items():
         cells = "  ".join(f"{k} {v['rate']:.3f}" for k, v in row.items() if isinstance(v, dict))
         print(f"{name:40s} {cells}")

@@ -25,7 +25,7 @@ from cfjax.pretrained import PRETRAINED_DIR
 # "unraisable" warning. A real `cfjax` process prints nothing for it (checked: one stderr line).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-FLOW = PRETRAINED_DIR / "mnist5k_flow"
+FLOW = PRETRAINED_DIR / "mnist5k_glow_flow"  # checkpoint-damage cases: any flow architecture serves
 CLF = PRETRAINED_DIR / "mnist5k_classifier"
 DUQ = PRETRAINED_DIR / "mnist5k_duq"
 

@@ -13,6 +13,7 @@ from cfjax.cli import main
 from cfjax.pretrained import default_model_dir
 
 SHIPPED = default_model_dir("flow", "mnist5k")
+GLOW = default_model_dir("flow", "mnist5k_glow")  # damaged-checkpoint fixtures: any architecture serves
 
 
 def cli(*args):
@@ -71,7 +72,7 @@ def _one_error_line(code, stdout, stderr, match):
 @pytest.fixture()
 def corrupt_model(tmp_path):
     bad = tmp_path / "corrupt"
-    shutil.copytree(SHIPPED, bad)
+    shutil.copytree(GLOW, bad)
     for root, _, files in os.walk(bad / "checkpoints"):
         for f in files:
             if f != "_CHECKPOINT_METADATA":
@@ -84,7 +85,7 @@ def corrupt_model(tmp_path):
 def foreign_model(tmp_path):
     """A flow checkpoint with a different architecture behind the same config name."""
     other = tmp_path / "foreign"
-    shutil.copytree(SHIPPED, other)
+    shutil.copytree(GLOW, other)
     info = json.loads((other / "cfjax_model.json").read_text())
     info["config"]["glow"]["hidden_channels"] = 3
     (other / "cfjax_model.json").write_text(json.dumps(info))

@@ -15,10 +15,10 @@ SCRIPT = textwrap.dedent(
     from cfjax.pipelines.explain_ecinn import explain_arrays
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
-    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    params, config, _ = load_flow(default_model_dir("flow", "mnist5k_glow"))
     x = load_dataset("mnist5k", "test").images[:21]          # not a multiple of 8: padding
-    one = explain_arrays(params, config, x, "next", devices=1, batch_size=16)
-    eight = explain_arrays(params, config, x, "next", devices=8, batch_size=16)
+    one = explain_arrays(params, config, x, "next", step="short", devices=1, batch_size=16)
+    eight = explain_arrays(params, config, x, "next", step="short", devices=8, batch_size=16)
     for k in one:
         np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-4, err_msg=k)
     assert (one["y_cf_pred"] == one["y_target"]).mean() > 0.9

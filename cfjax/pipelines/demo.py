@@ -1,6 +1,6 @@
 """The one-command tour: ECINN on the shipped model, every class pair, pictures and a summary.
 
-    cfjax demo [--out DIR] [--data mnist5k] [--per-class 10]
+    cfjax demo [--out DIR] [--data mnist5k] [--per-class 5]
 
 Writes into DIR (default ``cfjax-demo/``):
   pairs.png    one test image per class (rows) turned into every class (columns): all 90 pairs
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     p.add_argument("--model", default=None, help="flow model directory (default: the shipped one)")
     p.add_argument("--out", default="cfjax-demo", help="output directory (default ./cfjax-demo)")
-    p.add_argument("--per-class", type=int, default=10, help="test queries per class for the validity matrix (default 10)")
+    p.add_argument("--per-class", type=int, default=5, help="test queries per class for the validity matrix (default 5)")
 
 
 def _pairs_figure(x_rows, x_all, y_pred, probs, path, title):
@@ -78,6 +78,7 @@ def run(args) -> int:
         raise CfjaxError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or default_model_dir("flow", args.data)
+    print(f"demo: loading {model_dir} and {args.data}/test", flush=True)
     params, config, info = load_flow(model_dir)
     test = load_dataset(args.data, "test", args.data_dir)
     c = config.num_classes
@@ -93,6 +94,7 @@ def run(args) -> int:
     n = len(pick)
     xs = np.repeat(xq, c, 0)
     targets = np.tile(np.arange(c, dtype=np.int32), n)
+    print(f"demo: compiling ECINN (once), then {len(xs)} counterfactuals", flush=True)
     t0 = time.perf_counter()
     explain_arrays(params, config, xs[: min(len(xs), 256)], targets[: min(len(xs), 256)], batch_size=256)  # compile
     t_compile = time.perf_counter() - t0
@@ -112,7 +114,11 @@ def run(args) -> int:
     )
 
     # Pictures: every class pair from one query per class, and a labelled grid.
-    first = np.array([np.flatnonzero(test.labels == k)[0] for k in range(c)])
+    # The first test digit of each class that the model classifies correctly (a misclassified
+    # query would label its row with another class).
+    first = np.array([np.flatnonzero((test.labels == k) & (y_hat == k))[0] if np.any((test.labels == k) & (y_hat == k))
+                      else np.flatnonzero(test.labels == k)[0] for k in range(c)])
+    print("demo: drawing pairs.png and grid.png", flush=True)
     pairs = explain_arrays(params, config, np.repeat(test.images[first], c, 0), np.tile(np.arange(c, dtype=np.int32), c))
     x_all = pairs["x_cf"].reshape(c, c, *config.image_shape)
     probs_all = np.asarray(probs_fn(jnp.asarray(pairs["x_cf"]))).reshape(c, c, c)

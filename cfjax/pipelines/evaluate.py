@@ -23,6 +23,7 @@ holds one shard plus the reference data, not the whole run.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -100,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
     p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (default 32)")
     p.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
+    p.add_argument("--judges", default="rbf,knn", help="pixel-space judges of other model families, fit on --data's train split and cached under ~/.cache/cfjax: a comma list of rbf, knn, or 'none' (default rbf,knn; single CF.npz files only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline heatmap")
 
 
@@ -250,6 +252,9 @@ ROWS = [
     ("sparsity", "pixels changed by > {threshold} (lower = sparser)"),
     ("seconds_per_cf", "recorded generation time per counterfactual (s)"),
     ("oracle_agreement", "x_cf an independent oracle puts in the target class"),
+    ("judge_rbf", "x_cf the RBF random-feature pixel judge puts in the target class (cfjax.models.judges)"),
+    ("judge_knn", "x_cf the PCA k-NN pixel judge puts in the target class"),
+    ("judges_all_agree", "x_cf that every pixel judge puts in the target class"),
     ("oracle_accuracy_query", "yardstick: oracle accuracy on the queries"),
     ("nn_distance", "L2 to the nearest train image of the target class"),
     ("nn_distance_query", "yardstick: the same for the queries (true class)"),
@@ -459,6 +464,58 @@ def _setup(first: dict, path: str, data_name, data_dir, oracle, flow, pca_k: int
     return ctx
 
 
+def _parse_judges(spec: str) -> tuple[str, ...]:
+    from cfjax.models import judges
+
+    if str(spec).lower() == "none":
+        return ()
+    kinds = tuple(k.strip() for k in str(spec).split(",") if k.strip())
+    bad = [k for k in kinds if k not in judges.KINDS]
+    if bad or not kinds:
+        raise CfjaxError(f"--judges must be a comma list of {', '.join(judges.KINDS)} or 'none', got {spec!r}")
+    return kinds
+
+
+def _fitted_judge(kind: str, data_name: str, data_dir) -> dict:
+    """A judge fit on the train split of ``data_name``, cached by dataset and content hash."""
+    import hashlib
+
+    from cfjax.data import load_dataset
+    from cfjax.models import judges
+
+    train = load_dataset(data_name, "train", data_dir)
+    digest = hashlib.sha256(train.images.tobytes() + train.labels.tobytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("CFJAX_CACHE", Path.home() / ".cache" / "cfjax")) / f"judge_{kind}_{data_name}_{digest}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except Exception:  # noqa: BLE001 - a damaged cache is refit
+            pass
+    judge = judges.fit(kind, train.images, train.labels, train.num_classes)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **judge)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # caching is an optimisation only
+    return judge
+
+
+def judge_metrics(data: dict, data_name: str, data_dir, kinds) -> dict:
+    """Target agreement of each pixel judge on x_cf, and of all of them at once."""
+    from cfjax.models import judges
+
+    out, hits = {}, []
+    for kind in kinds:
+        h = judges.predict(_fitted_judge(kind, data_name, data_dir), data["x_cf"]) == data["y_target"]
+        out[f"judge_{kind}"] = float(np.mean(h))
+        hits.append(h)
+    out["judges_all_agree"] = float(np.mean(np.all(hits, axis=0)))
+    return out
+
+
 def run(args) -> int:
     from cfjax.checkpoint import write_json_atomic
     from cfjax.pipelines import shards as sh
@@ -483,7 +540,12 @@ def run(args) -> int:
     else:
         data = load_cf_npz(args.cf)
         _check_contents(data, args.cf)
+        kinds = _parse_judges(args.judges)  # checked before the (slower) evaluation
         res, notes = evaluate(data, args.cf, data_name, *opts)
+        if kinds and data_name is not None:
+            res.update(judge_metrics(data, data_name, args.data_dir, kinds))
+        elif kinds:
+            notes["judges"] = "--data none"
         method = str(data["method"]) if "method" in data and data["method"].shape == () else "unknown"
         n = int(data["x"].shape[0])
         title = f"{args.cf}: {n} counterfactuals ({method})"

@@ -42,7 +42,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output CF.npz")
     p.add_argument("--png", default=None, help="also write a picture grid: query | counterfactual | difference | heatmap")
     p.add_argument("--batch-size", type=int, default=256, help="queries per compiled batch (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0; ECINN is deterministic and ignores it)")
 
 
 def add_shard_arguments(p: argparse.ArgumentParser, default_shard_size: int = 1024) -> None:
