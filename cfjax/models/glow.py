@@ -85,14 +85,7 @@ class GlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GlowConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise CfjaxError(f"unknown GlowConfig field(s): {sorted(unknown)}")
-        d = dict(d)
-        if "image_shape" in d:
-            d["image_shape"] = tuple(d["image_shape"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @property
     def latent_dim(self) -> int:
@@ -111,6 +104,17 @@ class GlowConfig:
 
     def hidden_at(self, level: int) -> int:
         return int(min(self.hidden_channels * 2**level, self.max_hidden_channels))
+
+
+def config_from_dict(cls, d: dict):
+    """A flow config dataclass from its JSON dict: unknown fields refused, image_shape a tuple."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise CfjaxError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+    d = dict(d)
+    if "image_shape" in d:
+        d["image_shape"] = tuple(d["image_shape"])
+    return cls(**d)
 
 
 def _down(config: GlowConfig, x):

@@ -54,7 +54,7 @@ their rescaled one; the conditioning split of the AIO block follows their ``c - 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import jax
@@ -131,13 +131,9 @@ class IBINNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "IBINNConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise CfjaxError(f"unknown IBINNConfig field(s): {sorted(unknown)}")
-        d = dict(d)
-        if "image_shape" in d:
-            d["image_shape"] = tuple(d["image_shape"])
-        return cls(**d)
+        from cfjax.models.glow import config_from_dict
+
+        return config_from_dict(cls, d)
 
     @property
     def latent_dim(self) -> int:

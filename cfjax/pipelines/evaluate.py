@@ -120,6 +120,8 @@ def _check_contents(data: dict, path: str) -> None:
             raise CfjaxError(f"{path}: {k} must be float images in [0, 1], got dtype {a.dtype}")
         if not np.all(np.isfinite(a)):
             raise CfjaxError(f"{path}: {k} contains NaN or infinite values")
+        if float(a.min()) < -1e-6 or float(a.max()) > 1 + 1e-6:
+            raise CfjaxError(f"{path}: {k} must lie in [0, 1], got values in [{float(a.min()):.4g}, {float(a.max()):.4g}]")
     for k in ("y", "y_pred", "y_target", "y_cf_pred"):
         a = data[k]
         if not np.issubdtype(a.dtype, np.integer):
