@@ -44,6 +44,41 @@ def _targets(apply_fn, variables, x):
     return (np.argmax(np.asarray(apply_fn(variables, x)), -1) + 1) % 10
 
 
+def flops_count(apply_fn, variables, cfg, b: int, image_shape) -> dict:
+    """:func:`benchmarks.roofline.jaxpr_flops` of one whole ``disc.generate`` call at batch ``b``:
+    the query forward pass, the stage (its jitted begin, chunks of unrolled steps and end, driven by
+    a host loop that traces through) and the final prediction. Falls back to an estimate of
+    ``3 x steps + 3`` classifier forward passes where disc's internals differ."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import roofline
+    from cfjax.methods import disc
+
+    x = jnp.zeros((b, *image_shape), jnp.float32)
+    t = jnp.zeros((b,), jnp.int32)
+    fwd = roofline.jaxpr_flops(lambda x: apply_fn(variables, x, train=False), x)
+    try:
+        kw = disc._freeze_kwargs({"train": False})
+        prior = cfg.make_prior()
+        params, aux = disc._init_jit(disc._example_keys(jax.random.key(0), b), x, prior)
+        spec = disc._Spec(apply_fn, kw, None, prior, dataclasses.replace(cfg, seed=0, fit_steps=0, fit_lr=None), "ce",
+                          int(cfg.steps), float(cfg.lr or prior.default_lr), cfg.lambda_bn > 0, False)
+        stage = roofline.jaxpr_flops(lambda p, a, xq, t: disc._stage_jit(p, a, xq, None, t, jnp.float32(1.0), variables, None, spec),
+                                     params, aux, x, t)
+    except Exception as e:  # noqa: BLE001 - disc's private stage API changed: an estimate, marked as such
+        est = dict(fwd)
+        est["flops"] = fwd["flops"] * (3 * cfg.steps + 3)
+        est["estimate"] = f"3 x steps + 3 forward passes ({type(e).__name__}: {e})"
+        return est
+    out = dict(stage)
+    out["flops"] = stage["flops"] + 2 * fwd["flops"]  # + the query's forward pass and the final prediction
+    out["forward_pass_flops"] = fwd["flops"]
+    return out
+
+
 def parity(n: int = 16, loaded=None, steps_checked: tuple = (1, 3)) -> dict:
     """Loss values at the start, iterates after 1 and 3 steps (``steps_checked``); AssertionError
     beyond TOL (only the checks that ran)."""
@@ -89,6 +124,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     import jax
     import jax.numpy as jnp
 
+    from benchmarks import roofline
     from benchmarks.twins import disc as tdisc
     from cfjax.methods import disc
 
@@ -102,6 +138,11 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     cfg = tdisc.bench_config(steps)
     sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or 3
+    head_fns = None
+    dev = res["twin_device"] = common.twin_device()
+    if dev != "cpu":  # parity was checked on the CPU twin; time a copy on the device
+        with common.twin_context(dev):
+            twin = tdisc.TwinCNN(variables, config)
     rows, prev = [], None
     for b in sizes:
         skip = common.budget_skip(prev, b, reps, budget_s, 5)
@@ -111,19 +152,22 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
             continue
         x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
         t = _targets(apply_fn, variables, jnp.asarray(x))
-        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
-        tt = torch.as_tensor(t)
+        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
+        tt = torch.as_tensor(t).to(dev)
 
-        def f_jax():
+        def f_jax(x=x, t=t):  # bound: kept for the roofline
             return jax.block_until_ready(disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False}))
 
-        f_torch = lambda: tdisc.generate(twin, cfg, xt, tt)  # noqa: E731
+        f_torch = common.on_twin_device(lambda xt=xt, tt=tt: tdisc.generate(twin, cfg, xt, tt), dev)  # noqa: E731
         row = common.time_pair(b, f_jax, f_torch, reps, steps * b, "step_images_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), False)
+        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
+            head_fns = {"cfjax": f_jax, "twin": f_torch}
         tj, tw = row["cfjax_s"], row["twin_s"]
         rows.append(row)
         prev = row
         log(f"disc batch {b}: cfjax {steps * b / tj:.0f} step-images/s, twin {steps * b / tw:.0f}, speedup {tw / tj:.2f}x")
     common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
+    roofline.attach(res, lambda b: flops_count(apply_fn, variables, cfg, b, images.shape[1:]), log=log, headline_fns=head_fns)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_classifier", "config": {k: v for k, v in vars(cfg).items()},
                        "target": "next", "steps_per_call": steps, "repeats": reps,
                        "timing": "median of interleaved repeats after one warm-up call; one call = a whole generate()",

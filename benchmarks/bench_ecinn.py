@@ -2,6 +2,11 @@
 
 Setting on both sides: the shipped mnist5k flow, target = next class, the CLI defaults
 (step "short", direction "predicted_means", 2 refinement rounds: 6 network passes per query).
+
+Roofline (benchmarks.roofline): FLOPs per counterfactual from the jaxpr of the timed program,
+achieved GFLOP/s of both sides, and the ceilings measured in the same run. The shipped IB-INN
+flow (``mnist5k_flow``, the CLI's default model; no twin) gets cfjax-only rows (``ibinn_rows``)
+with the CLI's ECINN settings.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def load():
     return params, config, twin, images, torch
 
 
-def cfjax_fn(config):
+def cfjax_fn(config, step=STEP, direction=DIRECTION, refine=REFINE):
     import jax
     import jax.numpy as jnp
 
@@ -46,9 +51,57 @@ def cfjax_fn(config):
     def cf(params, x):
         z, _ = fc.encode(params, config, x)
         y = jnp.argmax(fc.latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
-        return ecinn.counterfactual_from_latent(params, config, z, y, (y + 1) % config.num_classes, STEP, DIRECTION, REFINE)
+        return ecinn.counterfactual_from_latent(params, config, z, y, (y + 1) % config.num_classes, step, direction, refine)
 
     return cf
+
+
+def cli_settings() -> tuple:
+    """The ECINN step rule and refinement rounds of ``cfjax explain ecinn`` (its defaults)."""
+    try:
+        from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP
+    except ImportError:  # the command's module reorganised: the documented defaults
+        DEFAULT_STEP, DEFAULT_REFINE = "code", 2
+    return DEFAULT_STEP, DEFAULT_REFINE
+
+
+def ibinn_rows(sizes, reps: int, budget_s: float, images, log=print) -> dict:
+    """cfjax-only rows for the shipped IB-INN flow (no twin), CLI settings, with roofline columns."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import roofline
+    from cfjax.pipelines.train_flow import load_flow
+    from cfjax.pretrained import default_model_dir
+
+    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    step, refine = cli_settings()
+    cf = cfjax_fn(config, step, DIRECTION, refine)
+    rows, prev, head_fns = [], None, {}
+    for b in sizes:
+        if prev is not None and prev["cfjax_s"] * b / prev["batch"] * (reps + 2) > budget_s:
+            rows.append({"batch": b, "skipped": True, "reason": f"estimated time > budget {budget_s:.0f}s"})
+            continue
+        xj = jnp.asarray(np.resize(images, (b, *images.shape[1:])).astype(np.float32))
+        f = lambda xj=xj: jax.block_until_ready(cf(params, xj))  # noqa: E731
+        t_first = common.timed(f)
+        ts = common.interleaved({"cfjax": f}, reps)["cfjax"]
+        tj = common.median(ts)
+        row = {"batch": b, "cfjax_s": tj, "cfjax_cf_per_s": b / tj, "cfjax_compile_s": max(t_first - tj, 0.0), "cfjax_times": ts}
+        rows.append(row)
+        prev = row
+        head_fns[b] = f
+        log(f"ecinn (IB-INN flow, cfjax only) batch {b}: {b / tj:.0f} cf/s")
+    done = [r["batch"] for r in rows if not r.get("skipped")]
+    head = HEADLINE if HEADLINE in done else (done[-1] if done else sizes[-1])
+    part = {"rows": rows, "headline": {"batch": head}, "settings": {"model": "cfjax/pretrained/mnist5k_flow (IB-INN network)",
+                                                                     "step": step, "direction": DIRECTION, "refine": refine,
+                                                                     "target": "next", "repeats": reps}}
+    if done:
+        roofline.attach(part, lambda b: roofline.jaxpr_flops(cf, params, jnp.zeros((b, *images.shape[1:]), jnp.float32)), twin=False,
+                        xla_at=lambda b: roofline.xla_flops(cf, params, jnp.zeros((b, *images.shape[1:]), jnp.float32)), log=log,
+                        headline_fns={"cfjax": head_fns[head]} if head in head_fns else None)
+    return part
 
 
 def parity(n: int = 64, loaded=None) -> dict:
@@ -89,10 +142,12 @@ def parity(n: int = 64, loaded=None) -> dict:
     return d
 
 
-def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print) -> dict:
+def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print,
+        ibinn: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from benchmarks import roofline
     from benchmarks.twins.flow import ecinn_next_class
 
     res = common.base_result("ecinn", quick)
@@ -104,6 +159,13 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     cf = cfjax_fn(config)
     sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or (3 if quick else 5)
+    head_fns = None
+    dev = res["twin_device"] = common.twin_device()
+    if dev != "cpu":  # parity was checked on the CPU twin; time a copy on the device
+        from benchmarks.twins.flow import TwinFlowClassifier
+
+        with common.twin_context(dev):
+            twin = TwinFlowClassifier(params, config).eval()
     rows, prev = [], None
     for b in sizes:
         skip = common.budget_skip(prev, b, reps, budget_s, 5)
@@ -113,15 +175,22 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
             continue
         x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
         xj = jnp.asarray(x)
-        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
-        f_jax = lambda: jax.block_until_ready(cf(params, xj))  # noqa: E731
-        f_torch = lambda: ecinn_next_class(twin, xt, STEP, REFINE)  # noqa: E731
+        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
+        f_jax = lambda xj=xj: jax.block_until_ready(cf(params, xj))  # noqa: E731 - bound: kept for the roofline
+        f_torch = common.on_twin_device(lambda xt=xt: ecinn_next_class(twin, xt, STEP, REFINE), dev)  # noqa: E731
         row = common.time_pair(b, f_jax, f_torch, reps, b, "cf_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), False)
+        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
+            head_fns = {"cfjax": f_jax, "twin": f_torch}
         tj, tt = row["cfjax_s"], row["twin_s"]
         rows.append(row)
         prev = row
         log(f"ecinn batch {b}: cfjax {b / tj:.0f} cf/s, twin {b / tt:.0f} cf/s, speedup {tt / tj:.2f}x")
     common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
+    shape = images.shape[1:]
+    roofline.attach(res, lambda b: roofline.jaxpr_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)),
+                    xla_at=lambda b: roofline.xla_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)), log=log, headline_fns=head_fns)
+    if ibinn:
+        res["ibinn"] = ibinn_rows(sizes, reps, budget_s, images, log)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_glow_flow", "step": STEP, "direction": DIRECTION, "refine": REFINE,
                        "target": "next", "repeats": reps, "timing": "median of interleaved repeats after one warm-up call",
                        "twin": "FrEIA SequenceINN, torch eager, inference_mode", "cfjax": "jax.jit of encode + counterfactual_from_latent",

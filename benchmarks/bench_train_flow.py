@@ -144,6 +144,7 @@ def parity(n: int = 16, loaded=None, steps: int = 3) -> dict:
 def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print) -> dict:
     import jax
 
+    from benchmarks import roofline
     from benchmarks.twins.flow import TwinFlowClassifier, TwinTrainer
 
     res = common.base_result("train_flow", quick)
@@ -156,7 +157,9 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or (3 if quick else 7)
     rows, prev = [], None
-    gen = torch.Generator().manual_seed(0)
+    head_fns = None
+    dev = res["twin_device"] = common.twin_device()
+    gen = torch.Generator(device=dev).manual_seed(0)
     for b in sizes:
         skip = common.budget_skip(prev, b, reps, budget_s, 6)
         if skip is not None:
@@ -164,25 +167,36 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
             log(f"train_flow batch {b}: skipped ({skip['reason']})")
             continue
         x, y = train.images[:b], train.labels[:b]
-        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
-        yt = torch.as_tensor(y).long()
+        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
+        yt = torch.as_tensor(y).long().to(dev)
         holder = {"state": {"params": params, "opt_state": opt.init(params)}, "step": 0}
-        twin = TwinFlowClassifier(params, config, trainable=True)
-        trainer = TwinTrainer(twin, LR, TOTAL_STEPS)
+        with common.twin_context(dev):
+            twin = TwinFlowClassifier(params, config, trainable=True)
+            trainer = TwinTrainer(twin, LR, TOTAL_STEPS)
 
-        def f_jax():
+        def f_jax(holder=holder, x=x, y=y):  # bound: kept for the roofline
             key = jax.random.fold_in(jax.random.PRNGKey(0), holder["step"])
             holder["state"], m = train_step(holder["state"], x, y, key)
             holder["step"] += 1
             jax.block_until_ready((holder["state"], m))
 
-        f_torch = lambda: trainer.step(xt, yt, noise=True, generator=gen)  # noqa: E731
+        f_torch = common.on_twin_device(lambda trainer=trainer, xt=xt, yt=yt: trainer.step(xt, yt, noise=True, generator=gen), dev)  # noqa: E731
         row = common.time_pair(b, f_jax, f_torch, reps, b, "images_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), True)
+        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
+            head_fns = {"cfjax": f_jax, "twin": f_torch}
         tj, tw = row["cfjax_s"], row["twin_s"]
         rows.append(row)
         prev = row
         log(f"train_flow batch {b}: cfjax {b / tj:.0f} img/s, twin {b / tw:.0f} img/s, speedup {tw / tj:.2f}x")
     common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 2.0)
+    state0 = {"params": params, "opt_state": opt.init(params)}
+    key0 = jax.random.PRNGKey(0)
+
+    def step_args(b):
+        return state0, np.asarray(train.images[:b]), np.asarray(train.labels[:b]), key0
+
+    roofline.attach(res, lambda b: roofline.jaxpr_flops(train_step, *step_args(b)),
+                    xla_at=lambda b: roofline.xla_flops(train_step, *step_args(b)), log=log, headline_fns=head_fns)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_glow_flow (starting weights)", "lr": LR, "total_steps_schedule": TOTAL_STEPS,
                        "repeats": reps, "timing": "median of interleaved single steps after two warm-up steps",
                        "cfjax": "cfjax.pipelines.train_flow.build_spec(...).train_step (jit; no buffer donation)",

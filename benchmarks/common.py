@@ -177,23 +177,48 @@ def write_result(result: dict, out_dir: Path | None = None, plot: Callable[[dict
 
 
 def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: str, ylabel: str) -> None:
+    """Throughput of both sides against batch; with roofline columns, a second panel of achieved
+    GFLOP/s against the ceilings measured in the same run (dashed: matmul, dotted: dominant conv)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if not r.get("skipped")]
+    extra = [r for r in (result.get("ibinn") or {}).get("rows", []) if not r.get("skipped")]
+    roof = "roofline" in result and any("cfjax_gflop_s" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if roof else 1, figsize=(11 if roof else 6, 4))
+    axes = list(axes) if roof else [axes]
     xs = [r[x_key] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ax = axes[0]
     ax.plot(xs, [r[f"cfjax_{y_key}"] for r in rows], "o-", label="cfjax (JAX, jit)")
     ax.plot(xs, [r[f"twin_{y_key}"] for r in rows], "s--", label="PyTorch twin (eager)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
+    if extra:
+        ax.plot([r[x_key] for r in extra], [r[f"cfjax_{y_key}"] for r in extra], "^-", label="cfjax, IB-INN flow (no twin)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{result['benchmark']} on {result['device']['name']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if roof:
+        ax2 = axes[1]
+        ax2.plot(xs, [r["cfjax_gflop_s"] for r in rows], "o-", color="C0", label="cfjax")
+        ax2.plot(xs, [r["twin_gflop_s"] for r in rows], "s--", color="C1", label="twin")
+        if extra and any("cfjax_gflop_s" in r for r in extra):
+            ax2.plot([r[x_key] for r in extra], [r.get("cfjax_gflop_s") for r in extra], "^-", color="C2", label="cfjax, IB-INN flow")
+        ceil = result["roofline"]["ceilings"]
+        for side, color in (("cfjax", "C0"), ("twin", "C1")):
+            m = ceil["matmul"].get(side)
+            if isinstance(m, dict):
+                ax2.axhline(m["gflop_s"], color=color, ls="--", lw=0.8, label=f"{side} matmul ceiling")
+            c = (ceil.get("dominant_conv") or {}).get(side)
+            if isinstance(c, dict):
+                ax2.axhline(c["gflop_s"], color=color, ls=":", lw=1.2, label=f"{side} dominant-conv ceiling")
+        ax2.set_ylabel("achieved GFLOP/s (matmul + conv FLOPs)")
+        ax2.legend(fontsize=7)
+    for a in axes:
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel(xlabel)
+        a.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['benchmark']} on {result['device']['name']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -213,6 +238,47 @@ def base_result(name: str, quick: bool) -> dict:
         "load_average_start": load_average(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+TWIN_DEVICE_ENV = "CFJAX_BENCH_TWIN_DEVICE"
+
+
+def twin_device() -> str:
+    """Where the twin is timed: $CFJAX_BENCH_TWIN_DEVICE, else "cuda" when JAX runs on a GPU and
+    torch sees one, else "cpu". Parity is always checked on the CPU twin first."""
+    import jax
+    import torch
+
+    dev = os.environ.get(TWIN_DEVICE_ENV, "").strip() or ("cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda"):  # float32 on both sides: no TF32 in torch (JAX: JAX_DEFAULT_MATMUL_PRECISION=highest, benchmarks/gpu.sh)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
+
+
+def twin_context(dev: str):
+    """torch's default device ``dev`` for everything the twin creates (a no-op for the CPU)."""
+    import contextlib
+
+    import torch
+
+    return contextlib.nullcontext() if dev == "cpu" else torch.device(dev)
+
+
+def on_twin_device(fn: Callable[[], object], dev: str) -> Callable[[], object]:
+    """``fn`` run under :func:`twin_context` and, on a GPU, synchronised before it returns (so the
+    timers see the finished work, as ``block_until_ready`` does for JAX)."""
+    if dev == "cpu":
+        return fn
+    import torch
+
+    def g():
+        with torch.device(dev):
+            out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return g
 
 
 def pick_torch_threads(fn: Callable[[], object], tries: int = 2) -> tuple[int, dict]:

@@ -60,15 +60,19 @@ def versions() -> dict:
             "flax": flax.__version__, "numpy": np.__version__}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256, help="global batch (queries per call), divisible by every device count")
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/scaling_cpu.json")
     ap.add_argument("--png", default=None, help="plot (default: --out with .png)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     import jax
 

@@ -164,11 +164,14 @@ def open_run(out_dir, header: dict, n: int, shard_size: int, resume: bool,
     if not out_dir.exists():
         if not out_dir.parent.exists():
             raise CfjaxError(f"--out {out_dir}: directory {out_dir.parent} does not exist")
-        out_dir.mkdir()
+        out_dir.mkdir(exist_ok=process_count > 1)  # the processes of one run start together
     elif any(out_dir.iterdir()):
-        if not resume:
+        if process_count > 1 and not resume:
+            _join(run)
+        elif not resume:
             raise CfjaxError(f"--out {out_dir} is not empty: pass --resume to continue that run, or choose a new directory (nothing is overwritten)")
-        _reopen(run, log)
+        else:
+            _reopen(run, log)
     elif resume:
         log(f"{out_dir} is empty: nothing to resume, starting")
     if not os.access(out_dir, os.W_OK):
@@ -206,6 +209,27 @@ def _reopen(run: ShardRun, log) -> None:
             tmp.unlink()
     left = len([k for k in run.mine if k not in run.done])
     log(f"resuming {out_dir}: {len(run.done)} shard(s) verified, {left} to compute")
+
+
+def _join(run: ShardRun) -> None:
+    """A fresh run of several processes started together: the others' files may already be there.
+    Refused when this process's own manifest or shards exist (that is a --resume), or when another
+    process's manifest was written with other settings or another process count."""
+    own = [p for p in [run.manifest_path, *(run.out_dir / shard_name(k) for k in run.mine)] if p.exists()]
+    if own:
+        raise CfjaxError(f"--out {run.out_dir} already holds this process's {own[0].name}: pass --resume to continue that run, "
+                         "or choose a new directory (nothing is overwritten)")
+    foreign = [p.name for p in run.out_dir.iterdir() if not (p.name == MANIFEST or p.name.startswith(("manifest-p", "shard-")) or ".tmp" in p.name)]
+    if foreign:
+        raise CfjaxError(f"--out {run.out_dir} is not empty and holds {foreign[0]}, which no process of a shard run writes: "
+                         "choose a new directory (nothing is overwritten)")
+    for path in _manifest_files(run.out_dir):
+        old = _read_json(path)
+        diff = _differences({k: old.get(k) for k in run.header}, run.header)
+        if diff:
+            raise CfjaxError(f"--out {run.out_dir}: {path.name} was written with other settings: " + "; ".join(diff))
+        if old.get("process_count", 1) != run.process_count:
+            raise CfjaxError(f"--out {run.out_dir}: {path.name} was written by {old.get('process_count')} process(es), this run has {run.process_count}")
 
 
 def _kill_hook(k_done: int, when: str) -> None:
