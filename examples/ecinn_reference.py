@@ -2,7 +2,7 @@
 judges of other model families (cfjax.models.judges) that no explained model shaped.
 
     python examples/ecinn_reference.py --model DIR [--reference ../shared/data/ecinn_reference]
-        [--step code --refine 0 --direction predicted_means] [--json out.json] [--png pairs.png]
+        [--step code --refine 2 --direction predicted_means] [--json out.json] [--png pairs.png]
 
 Data policy (the reference README's held-out rule): the judges train on mnist5k's train split plus
 MNIST test images 0-4999, the same 9,000 images as the shipped flow; every number below is on MNIST
@@ -12,7 +12,9 @@ read from the folder given, never copied into the project.
 Rows: real test digits (judge accuracy), the authors' GEN (ECINN), GB and GL counterfactuals, and
 cfjax's ECINN on the same queries and targets; columns: validity under the producing model (for
 the authors' files their recorded ``cf_pred``), each judge's target agreement and "all agree",
-with Wilson 95% intervals. Also: mnist5k test, 300 queries, ``--target next``.
+with Wilson 95% intervals, and the study's own columns (ElasticNet, IM1, IM2, Frechet distance;
+cfjax.pipelines.study, autoencoders fit on the same 9,000 digits and cached beside the judges).
+Also: mnist5k test, 300 queries, ``--target next``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from cfjax.data import load_dataset
 from cfjax.explainer import Explainer
 from cfjax.models import judges
+from cfjax.pipelines import study
 
 HELD_OUT = slice(5000, 10000)
 
@@ -47,6 +50,15 @@ def rate(hits: np.ndarray) -> dict:
     return {"rate": round(k / max(n, 1), 4), "ci95": wilson(k, n), "n": n}
 
 
+def training_images(reference: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 9,000 digits of the data policy: mnist5k train + MNIST test images 0-4999."""
+    tr = load_dataset("mnist5k", "train")
+    real = np.load(reference / "mnist_test_real.npz")
+    x = np.concatenate([tr.images, real["x"][:5000].astype(np.float32) / 255.0])
+    y = np.concatenate([tr.labels, real["y"][:5000].argmax(1)])
+    return x, y
+
+
 def fit_judges(reference: Path, cache: Path | None) -> dict:
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as f:
@@ -54,10 +66,7 @@ def fit_judges(reference: Path, cache: Path | None) -> dict:
             for kind in judges.KINDS:
                 out[kind] = {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(kind + "/")}
             return out
-    tr = load_dataset("mnist5k", "train")
-    real = np.load(reference / "mnist_test_real.npz")
-    x = np.concatenate([tr.images, real["x"][:5000].astype(np.float32) / 255.0])
-    y = np.concatenate([tr.labels, real["y"][:5000].argmax(1)])
+    x, y = training_images(reference)
     out = {kind: judges.fit(kind, x, y, 10) for kind in judges.KINDS}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +119,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", required=True, help="cfjax flow model directory")
     p.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared/data/ecinn_reference"))
     p.add_argument("--step", default="code")
-    p.add_argument("--refine", type=int, default=0)
+    p.add_argument("--refine", type=int, default=2, help="refinement rounds (default 2, the CLI default)")
     p.add_argument("--direction", default="predicted_means")
     p.add_argument("--judge-cache", default=str(Path.home() / ".cache/cfjax/judges_mnist9k.npz"))
     p.add_argument("--fakemnist-model", default=None, help="a flow cfjax trained on fakemnist5k: adds the marker test on the authors' FakeMNIST test images")
@@ -125,6 +134,7 @@ def main(argv=None) -> dict:
     yq = real["y"][HELD_OUT].argmax(1)
     gen = np.load(ref / "mnist_cf_GEN.npz")
     q = gen["q"][HELD_OUT].astype(np.int32)
+    aes = study.cached_autoencoders(*training_images(ref), 10, "mnist9k")
     rows = {"real test digits (label)": judge_row(js, xq, yq, None)}
     for m in ("GEN", "GB", "GL"):
         d = np.load(ref / f"mnist_cf_{m}.npz")
@@ -132,12 +142,16 @@ def main(argv=None) -> dict:
         ok = qm >= 0
         cfs = d["cfs"][HELD_OUT][ok].astype(np.float32)[..., None] / 255.0
         rows[f"authors {m}"] = judge_row(js, cfs, qm[ok], d["cf_pred"][HELD_OUT][ok] == qm[ok])
+        rows[f"authors {m}"]["study"] = study.study_table(xq[ok], cfs, d["orig_pred"][HELD_OUT][ok],
+                                                          d["cf_pred"][HELD_OUT][ok], aes, js["knn"])
     ex = Explainer.load(args.model, step=args.step, refine=args.refine, direction=args.direction)
     out = ex.explain(xq, target=q)
     x_cf = np.clip(out["x_cf"], 0.0, 1.0)
     x_cf = np.round(x_cf * 255.0) / 255.0  # quantised like the authors' files
-    valid = (ex.predict(x_cf) == q) & (out["y_pred"] != q)
+    cf_class = ex.predict(x_cf)
+    valid = (cf_class == q) & (out["y_pred"] != q)
     rows["cfjax ECINN"] = judge_row(js, x_cf, q, valid)
+    rows["cfjax ECINN"]["study"] = study.study_table(xq, x_cf, out["y_pred"], cf_class, aes, js["knn"])
     rows["cfjax ECINN"]["mean_abs_change"] = round(float(np.mean(np.abs(x_cf - xq))), 4)
     rows["authors GEN"]["mean_abs_change"] = round(float(np.mean(np.abs(gen["cfs"][HELD_OUT].astype(np.float32)[..., None] / 255.0 - xq))), 4)
     rows["cfjax ECINN"]["model_accuracy_on_queries"] = round(float(np.mean(out["y_pred"] == yq)), 4)
@@ -154,7 +168,9 @@ def main(argv=None) -> dict:
         result["fakemnist_reference"] = fake
         print("FakeMNIST marker switched:", json.dumps({k: v["marker_switched"] for k, v in fake.items()}))
     for name, row in rows.items():
-        cells = "  ".join(f"{k} {v['rate']:.3f}" for k, v in row.items() if isinstance(v, dict))
+        cells = "  ".join(f"{k} {v['rate']:.3f}" for k, v in row.items() if isinstance(v, dict) and "rate" in v)
+        if "study" in row:
+            cells += "  " + "  ".join(f"{k} {v.get('mean', v.get('value')):.3f}" for k, v in row["study"].items())
         print(f"{name:40s} {cells}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -87,6 +87,14 @@ def scores(judge: dict, images, batch_size: int = 1000) -> np.ndarray:
     return np.concatenate(out)
 
 
+def features(judge: dict, images) -> np.ndarray:
+    """The k-NN judge's PCA coordinates (N, pca_dim) of images (N, H, W, C): the feature space in
+    which cfjax computes the Frechet distance of the evaluation study."""
+    if str(judge["kind"]) != "knn":
+        raise CfjaxError(f"features come from a knn judge, got kind {str(judge['kind'])!r}")
+    return (_flat(images) - judge["mean"]) @ judge["basis"]
+
+
 def predict(judge: dict, images) -> np.ndarray:
     """Predicted classes (N,) int."""
     return np.argmax(scores(judge, images), axis=1)
