@@ -7,15 +7,17 @@ Pure functions (jit/vmap/grad-able, explicit parameter pytrees):
   cfjax.models.flow_classifier   the ECINN model bundle: encode, decode, predict_proba, loss_fn
   cfjax.methods.ecinn            counterfactual, counterfactuals_all_classes, heatmap
   cfjax.methods.disc             DISC objective terms and batched optimisation
+Ground: cfjax.validation (checks on images, targets, numbers), cfjax.model_dirs (load / export
+every model kind), cfjax.data, cfjax.metrics.
 One-call object: cfjax.Explainer.pretrained("mnist5k").explain(x, target="next").
 """
 
 from cfjax.errors import CfjaxError, CheckpointError
-from cfjax.explainer import Explainer
 
 __version__ = "0.1.0"
 
-__all__ = ["CfjaxError", "CheckpointError", "Explainer", "__version__", *sorted(["glow", "flows", "latent", "flow_classifier", "ecinn", "disc", "metrics", "data"])]
+__all__ = ["CfjaxError", "CheckpointError", "Explainer", "__version__",
+           *sorted(["glow", "flows", "latent", "flow_classifier", "ecinn", "disc", "metrics", "data", "validation", "model_dirs"])]
 
 # The pure-function modules, importable as attributes (cfjax.ecinn.counterfactual, ...), loaded
 # on first use so that `import cfjax` stays light.
@@ -28,10 +30,16 @@ _LAZY = {
     "disc": "cfjax.methods.disc",
     "metrics": "cfjax.metrics",
     "data": "cfjax.data",
+    "validation": "cfjax.validation",
+    "model_dirs": "cfjax.model_dirs",
 }
 
 
 def __getattr__(name):
+    if name == "Explainer":  # loaded on first use too: `import cfjax` (and the CLI's start) needs no JAX
+        from cfjax.explainer import Explainer
+
+        return Explainer
     if name in _LAZY:
         import importlib
 

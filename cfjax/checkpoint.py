@@ -57,6 +57,14 @@ def _manager(model_dir: Path, max_to_keep: int | None = 2, read_only: bool = Fal
     )
 
 
+def output_mode() -> int:
+    """The mode a new file gets under the user's umask (``tempfile.mkstemp`` makes 0600; the
+    atomic writers chmod their temporary file to this before the rename)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file in the same directory and an atomic rename."""
     path = Path(path)
@@ -67,6 +75,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, output_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -175,8 +184,50 @@ def load_checkpoint(model_dir, target: Any, step: int | None = None) -> tuple[An
     return restored["state"], dict(restored["meta"] or {}), int(step)
 
 
-def _check_structure(model_dir: Path, mngr, step: int, abstract: Any) -> None:
-    """Compare the saved tree's shapes with the expected ones, to name an architecture mismatch."""
+def load_weights(model_dir, target: dict, step: int | None = None) -> dict:
+    """Restore only the top-level items of ``target`` (e.g. ``params``, ``batch_stats``) from
+    ``model_dir``'s newest step (or ``step``).
+
+    Other items saved beside them (an optimiser state) are read by their saved shapes and
+    dropped, so loading a training run needs no optimiser; an exported directory holds only the
+    weights. CheckpointError as :func:`load_checkpoint`, and when an item of ``target`` was not
+    saved.
+    """
+    ocp = _ocp()
+    model_dir = Path(model_dir)
+    if not (model_dir / CKPT_SUBDIR).is_dir():
+        raise CheckpointError(f"{model_dir} has no saved checkpoint (no {CKPT_SUBDIR}/ directory)")
+    with _manager(model_dir, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{model_dir} has no complete checkpoint step (a run killed before its first save?)")
+        saved = _saved_metadata(model_dir, mngr, step)
+        try:
+            names = list(saved.keys())
+        except Exception:  # noqa: BLE001 - not a dict of items: no model state of ours
+            names = []
+        missing = [k for k in target if k not in names]
+        if missing:
+            raise CheckpointError(f"checkpoint {model_dir} does not match this model's architecture (no saved {', '.join(missing)})")
+        abstract = {k: jax.tree_util.tree_map(_abstract, target[k] if k in target else saved[k]) for k in names}
+        _check_structure(model_dir, mngr, step, abstract)
+        try:
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: {first}") from e
+    return {k: restored["state"][k] for k in target}
+
+
+def _abstract(a) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(a) if not hasattr(a, "shape") else tuple(a.shape),
+                                getattr(a, "dtype", None) or np.asarray(a).dtype)
+
+
+def _saved_metadata(model_dir: Path, mngr, step: int):
+    """The saved state tree's metadata (shapes, dtypes) of ``step``; CheckpointError when unreadable."""
     try:
         saved = mngr.item_metadata(step)["state"]
     except Exception as e:
@@ -184,6 +235,12 @@ def _check_structure(model_dir: Path, mngr, step: int, abstract: Any) -> None:
         raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: {first}") from e
     if saved is None:
         raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: no state metadata")
+    return saved
+
+
+def _check_structure(model_dir: Path, mngr, step: int, abstract: Any) -> None:
+    """Compare the saved tree's shapes with the expected ones, to name an architecture mismatch."""
+    saved = _saved_metadata(model_dir, mngr, step)
     exp = jax.tree_util.tree_leaves_with_path(abstract)
     try:
         got = jax.tree_util.tree_leaves(saved)
@@ -208,7 +265,7 @@ def check_export_target(dst) -> Path:
     """``dst`` as a Path; CfjaxError when it already holds a model (an export never overwrites)."""
     dst = Path(dst)
     if (dst / MODEL_FILE).exists() or (dst / CKPT_SUBDIR).exists():
-        raise CfjaxError(f"--export {dst} already holds a model; remove it first or choose another path")
+        raise CfjaxError(f"export target {dst} already holds a model; remove it first or choose another path", argument="export")
     return dst
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from pathlib import Path
 
 from cfjax.errors import CfjaxError
+from cfjax.validation import positive_int, validate_images, validate_targets  # noqa: F401 - also re-exported
 
 MNIST5K_TRAIN_PER_CLASS = 400
 MNIST5K_SEED = 0
@@ -59,8 +60,7 @@ class Dataset:
         """The first ``limit`` examples (all when ``limit`` is None)."""
         if limit is None:
             return self
-        if limit <= 0:
-            raise CfjaxError(f"--limit must be positive, got {limit}")
+        limit = positive_int(limit, "limit")
         return Dataset(self.name, self.split, self.images[:limit], self.labels[:limit], self.num_classes)
 
 
@@ -164,31 +164,19 @@ def _check_source(name: str, split: str, source) -> int:
 def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
     builder, source = _open_tfds(name, split, data_dir)
     n = _check_source(name, split, source)
-    images = np.stack([np.asarray(source[i]["image"]) for i in range(n)])
-    labels = np.asarray([int(source[i]["label"]) for i in range(n)], np.int32)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / 255.0
-    else:
-        images = images.astype(np.float32)
-        if images.max() > 1.0:
-            images = images / 255.0
-    try:
-        num_classes = int(builder.info.features["label"].num_classes)
-    except Exception:
-        num_classes = int(labels.max()) + 1
-    return Dataset(name, split, images, labels, num_classes)
+    images, labels = _tfds_chunk([source[i] for i in range(n)], pixel_scale(source, n))
+    num_classes = _num_classes(builder)
+    return Dataset(name, split, images, labels, int(labels.max()) + 1 if num_classes is None else num_classes)
 
 
 class SplitReader:
     """Random access to one split without holding it in memory: ``read(start, stop)``.
 
     ``read`` returns images (stop - start, H, W, C) float32 in [0, 1] and labels (stop - start,)
-    int32, the same values :func:`load_dataset` gives for those indices (uint8 pixels / 255). The
-    embedded datasets are small and in memory anyway; tfds splits are read item by item through
-    ``tfds.data_source`` (random access over array_record files), so only one chunk is decoded
-    at a time.
+    int32, the same values :func:`load_dataset` gives for those indices (one pixel scale per
+    split: :func:`pixel_scale`). The embedded datasets are small and in memory anyway; tfds
+    splits are read item by item through ``tfds.data_source`` (random access over array_record
+    files), so only one chunk is decoded at a time.
     """
 
     def __init__(self, name: str, split: str, length: int, image_shape: tuple, num_classes: int | None, read_fn):
@@ -206,15 +194,34 @@ class SplitReader:
         return self._read(start, stop)
 
 
-def _tfds_chunk(items: list) -> tuple[np.ndarray, np.ndarray]:
+SCALE_SAMPLE = 64  # examples whose range decides a split's pixel scale
+
+
+def pixel_scale(source, n: int | None = None) -> float:
+    """The divisor that maps a split's stored pixels into [0, 1], decided once per split.
+
+    uint8 pixels are divided by 255. Pixels of any other dtype are taken as they are when the
+    first :data:`SCALE_SAMPLE` examples lie in [0, 1], and divided by 255 when they exceed 1
+    (0-255 values stored as floats). The in-memory and streaming readers both use this one
+    decision, so a chunk holds the same values as the whole split; values still outside
+    [0, 1] are refused later by :func:`cfjax.validation.validate_images`.
+    """
+    n = len(source) if n is None else n
+    first = [np.asarray(source[i]["image"]) for i in range(min(n, SCALE_SAMPLE))]
+    if not first or first[0].dtype == np.uint8:
+        return 255.0
+    return 255.0 if max(float(np.max(a)) for a in first) > 1.0 else 1.0
+
+
+def _tfds_chunk(items: list, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Images (B, H, W, C) float32 (stored pixels / ``scale``) and labels (B,) int32 of items."""
     images = np.stack([np.asarray(it["image"]) for it in items])
     labels = np.asarray([int(it["label"]) for it in items], np.int32)
     if images.ndim == 3:
         images = images[..., None]
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / 255.0
-    else:  # float images are taken as they are (validated to lie in [0, 1] before use)
-        images = images.astype(np.float32)
+    images = images.astype(np.float32)
+    if scale != 1.0:
+        images = images / np.float32(scale)
     return images, labels
 
 
@@ -292,8 +299,9 @@ def _num_classes(builder) -> int | None:
 def reader_from_source(name: str, split: str, source, num_classes: int | None = None) -> SplitReader:
     """A :class:`SplitReader` over any random-access sequence of ``{"image", "label"}`` dicts."""
     n = _check_source(name, split, source)
-    shape = _tfds_chunk([source[0]])[0].shape[1:]
-    return SplitReader(name, split, n, shape, num_classes, lambda a, b: _tfds_chunk([source[i] for i in range(a, b)]))
+    scale = pixel_scale(source, n)
+    shape = _tfds_chunk([source[0]], scale)[0].shape[1:]
+    return SplitReader(name, split, n, shape, num_classes, lambda a, b: _tfds_chunk([source[i] for i in range(a, b)], scale))
 
 
 def load_npz_dataset(path: str | os.PathLike, num_classes: int | None = None) -> Dataset:
@@ -353,53 +361,3 @@ def load_dataset(name: str = "mnist5k", split: str = "train", data_dir: str | os
         return _load_idx(name, split, data_dir)
     return _load_tfds(name, split, None if data_dir is None else str(data_dir))
 
-
-def validate_images(
-    x, image_shape: tuple[int, int, int] | None = None, what: str = "images"
-) -> np.ndarray:
-    """Check a batch of images and return it as float32 (N, H, W, C).
-
-    Accepts (N, H, W, C), or (N, H, W) for one channel. Raises CfjaxError naming the problem:
-    non-numeric dtype, wrong rank or shape for the model, NaN/inf, values outside [0, 1].
-    """
-    arr = np.asarray(x)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise CfjaxError(f"{what} must be a numeric array, got dtype {arr.dtype}")
-    if arr.ndim == 3 and image_shape is not None and image_shape[-1] == 1 and arr.shape[1:] == image_shape[:2]:
-        arr = arr[..., None]
-    if arr.ndim != 4:
-        raise CfjaxError(f"{what} must have shape (N, H, W, C), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise CfjaxError(f"{what} is empty (shape {arr.shape})")
-    if image_shape is not None and tuple(arr.shape[1:]) != tuple(image_shape):
-        h, w, c = image_shape
-        if arr.shape[1:3] == (h, w):
-            raise CfjaxError(f"{what} have {arr.shape[3]} channel(s) but the model expects {c} (shape {arr.shape[1:]} vs {tuple(image_shape)})")
-        raise CfjaxError(f"{what} have shape {tuple(arr.shape[1:])} per image but the model expects {tuple(image_shape)}")
-    if np.issubdtype(arr.dtype, np.integer):
-        raise CfjaxError(f"{what} must be float in [0, 1], got integer dtype {arr.dtype} (divide uint8 pixels by 255)")
-    arr = arr.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise CfjaxError(f"{what} contain {bad} NaN or infinite value(s)")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < 0.0 or hi > 1.0:
-        raise CfjaxError(f"{what} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return arr
-
-
-def validate_targets(targets, num_classes: int, n: int | None = None) -> np.ndarray:
-    """Check target classes: integers in [0, num_classes); returns int32 (N,)."""
-    t = np.asarray(targets)
-    if not np.issubdtype(t.dtype, np.integer):
-        if np.issubdtype(t.dtype, np.floating) and np.all(np.isfinite(t)) and np.all(t == np.round(t)):
-            t = t.astype(np.int64)
-        else:
-            raise CfjaxError(f"targets must be integer class indices, got dtype {t.dtype}")
-    if n is not None:
-        t = np.broadcast_to(t, (n,)) if t.ndim == 0 else t
-        if t.shape != (n,):
-            raise CfjaxError(f"targets must have shape ({n},) to match the images, got {t.shape}")
-    if t.size and (t.min() < 0 or t.max() >= num_classes):
-        raise CfjaxError(f"target class {int(t.max() if t.max() >= num_classes else t.min())} is outside the model's classes 0..{num_classes - 1}")
-    return t.astype(np.int32)

@@ -6,7 +6,15 @@ the Python API raises it. It subclasses ``ValueError`` so generic callers can ca
 
 
 class CfjaxError(ValueError):
-    """A problem with the user's input (data, shapes, checkpoints, names): the message says which."""
+    """A problem with the user's input (data, shapes, checkpoints, names): the message says which.
+
+    ``argument``: the name of the argument (or config field) at fault, when there is one; the
+    CLI maps it to its flag.
+    """
+
+    def __init__(self, message: str = "", argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 class CheckpointError(CfjaxError):

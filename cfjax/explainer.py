@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.data import validate_images
+from cfjax.validation import validate_images
 
 
 class Explainer:
@@ -27,27 +27,22 @@ class Explainer:
     def __init__(self, params: dict, config, info: dict | None = None, step=None, direction: str = "predicted_means", refine: int | None = None):
         """``step`` / ``refine`` default to the CLI's (``code`` with 2 refinement rounds);
         ``step="paper", refine=0`` is the paper's exact two-pass method."""
-        from cfjax.methods.ecinn import DIRECTIONS, _step_fn
+        from cfjax.methods.ecinn import check_options, parse_step
         from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP
 
-        step = DEFAULT_STEP if step is None else step
+        step = parse_step(DEFAULT_STEP if step is None else step)
         refine = DEFAULT_REFINE if refine is None else int(refine)
-
-        _step_fn(step)
-        if direction not in DIRECTIONS:
-            from cfjax.errors import CfjaxError
-
-            raise CfjaxError(f"unknown direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+        check_options(step, direction)
         self.params, self.config, self.info = params, config, info or {}
         self.step, self.direction, self.refine = step, direction, refine
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs) -> "Explainer":
         """From a model directory written by ``cfjax train flow``."""
-        from cfjax.pipelines.train_flow import load_flow
+        from cfjax import model_dirs
 
-        params, config, info = load_flow(model_dir)
-        return cls(params, config, info, **kwargs)
+        m = model_dirs.load("flow", model_dir)
+        return cls(m.params, m.config, m.info, **kwargs)
 
     @classmethod
     def pretrained(cls, dataset: str = "mnist5k", **kwargs) -> "Explainer":

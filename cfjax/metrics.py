@@ -26,6 +26,9 @@ Heatmap quality: :func:`deletion_curve` / :func:`insertion_curve` (pixels remove
 heatmap order, area under the class-probability curve) and the baseline attributions
 :func:`gradient_saliency`, :func:`gradient_x_input`, :func:`integrated_gradients`.
 FakeMNIST ground truth: :func:`marker_mass`.
+The ECINN authors' evaluation study: :func:`elastic_net`, :func:`im1`, :func:`im2` (with the
+autoencoders of :mod:`cfjax.models.autoencoder`) and :func:`frechet_distance` (FID's formula, on
+any features).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfjax.errors import CfjaxError
+from cfjax.validation import positive_int
 
 Array = jax.Array
 
@@ -97,8 +101,7 @@ def batched_apply(fn: Callable, x, batch_size: int | None = 256):
         raise CfjaxError("cannot apply a model to an empty batch")
     if batch_size is None or batch_size >= n:
         return jax.tree_util.tree_map(np.asarray, fn(jnp.asarray(x)))
-    if batch_size <= 0:
-        raise CfjaxError(f"batch size must be positive, got {batch_size}")
+    positive_int(batch_size, "batch_size")
     outs = []
     for i in range(0, n, batch_size):
         xb = x[i : i + batch_size]
@@ -168,9 +171,7 @@ def runtime_per_counterfactual(seconds, n: int) -> float:
     seconds = float(np.asarray(seconds))
     if not np.isfinite(seconds) or seconds < 0:
         raise CfjaxError(f"seconds must be a finite non-negative number, got {seconds}")
-    if int(n) <= 0:
-        raise CfjaxError(f"number of counterfactuals must be positive, got {n}")
-    return seconds / int(n)
+    return seconds / positive_int(int(n), "number of counterfactuals")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +196,7 @@ def nearest_neighbour_distance(
     b, n = q.shape[0], r.shape[0]
     if n == 0:
         raise CfjaxError("reference_images is empty")
-    if chunk_size <= 0:
-        raise CfjaxError(f"chunk_size must be positive, got {chunk_size}")
+    positive_int(chunk_size, "chunk_size")
     if y_target is None:
         labels = jnp.zeros((n,), jnp.int32)
         target = jnp.zeros((b,), jnp.int32)
@@ -340,8 +340,7 @@ def _curve(predict_proba_fn, x, heatmap, target_class, steps: int, baseline, ins
     b, hh, ww, cc = x.shape
     h = _heatmap_2d(heatmap, x.shape).reshape(b, hh * ww)
     cls = _classes(target_class, b, "target_class")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise CfjaxError(f"steps must be a positive integer, got {steps!r}")
+    positive_int(steps, "steps")
     base = jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), x.shape)
     p = hh * ww
     counts_np = np.round(np.arange(steps + 1) * p / steps).astype(np.int32)
@@ -420,8 +419,7 @@ def integrated_gradients(logits_fn: Callable, x, cls, steps: int = 32, baseline=
     """
     x = _images(x, "x")
     cls = _classes(cls, x.shape[0], "cls")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise CfjaxError(f"steps must be a positive integer, got {steps!r}")
+    positive_int(steps, "steps")
     x0 = jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), x.shape)
     alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
 
@@ -470,15 +468,67 @@ def marker_mass(heatmap_or_change, classes, column: int = 0, reduce: bool = True
     return _reduce(jnp.where(total > 0, on_marker / jnp.where(total > 0, total, 1.0), 0.0), reduce)
 
 
+# --------------------------------------------------------------------------------------------
+# the ECINN authors' evaluation study (Hvilshoj et al., arXiv 2111.00177)
+
+
+def elastic_net(x, x_cf, reduce: bool = True) -> Array:
+    """||x_cf - x||_1 + ||x_cf - x||_2 over all H*W*C values (as the study's code computes it:
+    the L2 norm, not its square). x, x_cf: (B, H, W, C). Returns 0-d (or (B,))."""
+    x, x_cf = _pair(x, x_cf)
+    d = (x_cf - x).reshape(x.shape[0], -1)
+    return _reduce(jnp.sum(jnp.abs(d), 1) + jnp.sqrt(jnp.sum(d * d, 1)), reduce)
+
+
+def im1(x_cf, rec_target, rec_source, eps: float = 1e-5, reduce: bool = True) -> Array:
+    """IM1 = ||x_cf - AE_t(x_cf)||^2 / (||x_cf - AE_s(x_cf)||^2 + eps): below 1 when the target
+    class's autoencoder reconstructs the counterfactual better than the source class's.
+    All three (B, H, W, C); the reconstructions come from :mod:`cfjax.models.autoencoder`."""
+    x_cf, rec_target = _pair(x_cf, rec_target)
+    _, rec_source = _pair(x_cf, rec_source)
+    num = jnp.sum(jnp.square(x_cf - rec_target), (1, 2, 3))
+    return _reduce(num / (jnp.sum(jnp.square(x_cf - rec_source), (1, 2, 3)) + eps), reduce)
+
+
+def im2(x_cf, rec_target, rec_all, eps: float = 1e-5, reduce: bool = True) -> Array:
+    """IM2 = ||AE_t(x_cf) - AE_all(x_cf)||^2 / (||x_cf||_1 + eps): near 0 when the target class's
+    autoencoder and the all-class one agree on the counterfactual. All three (B, H, W, C)."""
+    x_cf, rec_target = _pair(x_cf, rec_target)
+    _, rec_all = _pair(x_cf, rec_all)
+    num = jnp.sum(jnp.square(rec_target - rec_all), (1, 2, 3))
+    return _reduce(num / (jnp.sum(jnp.abs(x_cf), (1, 2, 3)) + eps), reduce)
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """Frechet distance between Gaussians fit to two feature sets (N, D) and (M, D):
+    ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the formula of FID (float64, NumPy;
+    the matrix square root from the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which are real
+    and non-negative)."""
+    a = np.asarray(features_a, np.float64)
+    b = np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise CfjaxError(f"features must be (N, D) and (M, D) with N, M >= 2, got {a.shape} and {b.shape}")
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root_a @ sb @ root_a)
+    mean = np.sum(np.square(a.mean(0) - b.mean(0)))
+    return float(mean + np.trace(sa) + np.trace(sb) - 2 * np.sum(np.sqrt(np.clip(cross, 0, None))))
+
+
 __all__ = [
     "HeatmapCurve",
     "PCA",
     "batched_apply",
     "deletion_curve",
+    "elastic_net",
     "fit_pca",
     "flow_bits_per_dim",
+    "frechet_distance",
     "gradient_saliency",
     "gradient_x_input",
+    "im1",
+    "im2",
     "insertion_curve",
     "integrated_gradients",
     "marker_mass",

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _mpl():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,13 +19,17 @@ def _mpl():
     return plt
 
 
-def _show(ax, img, cmap="gray", vmin=0.0, vmax=1.0):
+def show_image(ax, img, cmap="gray", vmin=0.0, vmax=1.0):
+    """Draw one (H, W), (H, W, 1) or (H, W, 3) image on ``ax`` without ticks."""
     img = np.asarray(img)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
     ax.imshow(np.clip(img, vmin, vmax) if img.ndim == 3 else img, cmap=None if img.ndim == 3 else cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+_mpl = pyplot  # the name examples/ use
 
 
 def save_counterfactual_grid(
@@ -47,7 +52,7 @@ def save_counterfactual_grid(
     x, x_cf: (N, H, W, C) in [0, 1]; heatmap: (N, H, W) or None; labels (N,) ints;
     p_pred / p_cf: (N,) probabilities shown under the query / counterfactual.
     """
-    plt = _mpl()
+    plt = pyplot()
     n = min(len(x), max_rows)
     if groups is None:
         groups = 1 if n <= 6 else (2 if n <= 16 else 3)
@@ -65,18 +70,18 @@ def save_counterfactual_grid(
             ax.axis("on")
         pp = f" ({p_pred[i]:.2f})" if p_pred is not None else ""
         pc = f" ({p_cf[i]:.2f})" if p_cf is not None else ""
-        _show(a[0], x[i])
+        show_image(a[0], x[i])
         a[0].set_xlabel(f"pred {name(y_pred[i])}{pp}", fontsize=7)
-        _show(a[1], x_cf[i])
+        show_image(a[1], x_cf[i])
         ok = int(y_cf_pred[i]) == int(y_target[i])
         a[1].set_xlabel(f"target {name(y_target[i])}: {name(y_cf_pred[i])}{pc}", fontsize=7, color="black" if ok else "red")
         d = np.asarray(x_cf[i], np.float32) - np.asarray(x[i], np.float32)
         d = d.mean(-1) if d.ndim == 3 else d
-        _show(a[2], d, cmap="RdBu_r", vmin=-diff_lim, vmax=diff_lim)
+        show_image(a[2], d, cmap="RdBu_r", vmin=-diff_lim, vmax=diff_lim)
         a[2].set_xlabel("x_cf - x", fontsize=7)
         if heatmap is not None:
             h = np.asarray(heatmap[i], np.float32)
-            _show(a[3], h, cmap="inferno", vmin=0.0, vmax=max(float(h.max()), 1e-6))
+            show_image(a[3], h, cmap="inferno", vmin=0.0, vmax=max(float(h.max()), 1e-6))
             a[3].set_xlabel("heatmap", fontsize=7)
         if r == 0:
             for ax, t in zip(a, ["query", "counterfactual", "difference", "heatmap"]):
@@ -88,13 +93,16 @@ def save_counterfactual_grid(
 
 
 def save_figure(fig, path, dpi: int = 130) -> Path:
-    """Save a Matplotlib figure atomically (temporary file + rename) and close it."""
-    plt = _mpl()
+    """Save a Matplotlib figure atomically (temporary file + rename, mode from the umask) and close it."""
+    from cfjax.checkpoint import output_mode
+
+    plt = pyplot()
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + (path.suffix or ".png"), dir=path.parent or ".")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, output_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -16,8 +16,8 @@ and numbers are in ``benchmarks/results/xla_cpu_flags_cpu.json``):
   fusions; a coupling subnet (conv3x3, bias, ReLU, conv1x1, bias, ReLU, conv3x3, bias) then
   compiles to one YNNPACK call instead of convolutions separated by XLA passes that write and
   re-read the (B, H, W, hidden) activations. Those passes dominated at these small channel counts;
-  with the flag a subnet takes half the time. Flow encode/decode, ECINN and flow training
-  get it (ECINN 1.4-1.65x, training 1.03-1.08x). DISC does not: it measured 0.84-0.87x with it.
+  with the flag a subnet runs faster. Flow encode/decode, ECINN and flow training get it; DISC
+  does not (it runs slower with it).
 
 Nothing is changed when the user's ``XLA_FLAGS`` already names the flag (theirs wins), when
 ``CFJAX_XLA_DEFAULTS=0`` is set, or once JAX's backend exists (too late to take effect). The

@@ -396,7 +396,7 @@ def test_explainer_bad_settings_and_models(tmp_path, world):
 
 
 def test_explainer_bad_batch_size_and_predict(explainer):
-    with pytest.raises(CfjaxError, match="batch-size"):
+    with pytest.raises(CfjaxError, match="^batch_size must be a positive integer"):  # the argument, not a flag
         explainer.explain(_imgs(), batch_size=0)
     with pytest.raises(CfjaxError, match="channel"):
         explainer.predict(_imgs(shape=(28, 28, 3)))
@@ -457,7 +457,7 @@ DATA_CASES = [
     ("not-a-string", lambda d: d.load_dataset(None, "train"), "name"),
     ("unknown-split", lambda d: d.load_dataset("mnist5k", "validation"), "split"),
     ("fake-unknown-split", lambda d: d.load_dataset("fakemnist5k", "dev"), "split"),
-    ("take-0", lambda d: d.load_dataset("mnist5k", "test").take(0), "--limit"),
+    ("take-0", lambda d: d.load_dataset("mnist5k", "test").take(0), "limit must be a positive integer"),
     ("tfds-unprepared", lambda d: d.load_dataset("cifar10", "test", "/nonexistent/tfds"), "cifar10"),
     ("validate-targets-range", lambda d: d.validate_targets(np.array([3, 11]), 10), "outside"),
     ("validate-targets-float", lambda d: d.validate_targets(np.array([1.5]), 10), "integer"),
@@ -506,6 +506,20 @@ def test_checkpoint_loading_bad_input(loader, path, keyword, world):
     assert keyword.lower() in str(e.value).lower(), str(e.value)
     if loader != "any":
         assert isinstance(e.value, CheckpointError)
+
+
+@pytest.mark.parametrize("loader,path,keyword", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+def test_model_dirs_load_bad_input(loader, path, keyword, world):
+    """The same cases through the one loader, cfjax.model_dirs.load: always a CheckpointError."""
+    from cfjax import model_dirs
+    from cfjax.checkpoint import CheckpointError
+
+    if loader == "any":  # evaluate's own refusal of a DUQ model is its concern; the loader loads it
+        assert model_dirs.load("any", _resolve(path, world)).kind == "duq"
+        return
+    with pytest.raises(CheckpointError) as e:
+        model_dirs.load(loader, _resolve(path, world))
+    assert keyword.lower() in str(e.value).lower(), str(e.value)
 
 
 def test_damaged_copies_did_not_touch_the_shipped_models():

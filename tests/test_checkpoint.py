@@ -93,3 +93,29 @@ def test_json_write_is_atomic_on_failure(tmp_path):
         ckpt.write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_json_and_figure_outputs_follow_the_umask(tmp_path):
+    from cfjax.plotting import pyplot, save_figure
+
+    old = os.umask(0o027)
+    try:
+        ckpt.write_json_atomic(tmp_path / "a.json", {"k": 1})
+        save_figure(pyplot().figure(), tmp_path / "f.png")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.json").st_mode & 0o777) == oct(0o640)
+    assert oct(os.stat(tmp_path / "f.png").st_mode & 0o777) == oct(0o640)
+
+
+def test_load_weights_reads_only_the_named_items(tmp_path):
+    """A saved optimizer state of any structure is skipped without being described."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    ckpt.save_checkpoint(tmp_path, 3, {"params": params, "opt_state": (jnp.ones(4), {"n": jnp.zeros((), jnp.int32)})})
+    got = ckpt.load_weights(tmp_path, {"params": jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)})
+    assert set(got) == {"params"}
+    np.testing.assert_array_equal(got["params"]["w"], params["w"])
+    with pytest.raises(CheckpointError, match=r"architecture \(no saved batch_stats\)"):
+        ckpt.load_weights(tmp_path, {"params": params, "batch_stats": {}})
+    with pytest.raises(CheckpointError, match="architecture"):
+        ckpt.load_weights(tmp_path, {"params": {"w": jax.ShapeDtypeStruct((3, 3), jnp.float32)}})

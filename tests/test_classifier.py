@@ -61,7 +61,7 @@ def test_every_architecture_gives_logits(arch):
     v = init_classifier(jax.random.PRNGKey(0), c)
     assert set(v) == ({"params"} if arch == "mlp" else {"params", "batch_stats"})
     assert has_batchnorm(v) == (arch != "mlp") == c.uses_batchnorm
-    apply_fn = classifier_apply(c)
+    apply_fn = jax.jit(classifier_apply(c))  # one compile instead of one per primitive
     x = jnp.asarray(_images(5))
     logits = apply_fn(v, x)
     assert logits.shape == (5, 7) and np.all(np.isfinite(logits))
@@ -285,7 +285,7 @@ def test_cli_bad_inputs_one_line_exit_2(capsys, tmp_path):
     code, err = _cli(capsys, "--out", out, "--arch", "vgg")
     assert code == 2 and err == "cfjax: error: unknown classifier architecture 'vgg': choose one of cnn, resnet, mlp"
     code, err = _cli(capsys, "--out", out, "--epochs", "0")
-    assert code == 2 and err == "cfjax: error: --epochs must be positive, got 0"
+    assert code == 2 and err == "cfjax: error: --epochs must be a positive integer, got 0"
     assert not (tmp_path / "m").exists()  # nothing written for bad options
     ckpt.write_model_info(tmp_path / "m", "classifier", TINY.to_dict(), status="complete")
     code, err = _cli(capsys, "--out", out, "--epochs", "1")

@@ -51,6 +51,7 @@ def test_fixed_target_and_the_papers_exact_rule(tmp_path):
     np.testing.assert_allclose(d["x_cf"][~moved], d["x"][~moved], atol=1e-3)
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: the shipped model on 270 counterfactuals + pictures
 def test_demo_writes_pictures_and_summary(tmp_path):
     code, stdout, stderr = cli("demo", "--out", str(tmp_path / "demo"), "--per-class", "3")
     assert code == 0, stderr
@@ -102,7 +103,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, corrupt_model, foreign_mo
         (["--data", "no_such_data"], "unknown dataset"),
         (["--target", "10"], "outside the model's classes"),
         (["--target", "cat"], "--target must be"),
-        (["--limit", "0"], "--limit must be positive"),
+        (["--limit", "0"], "--limit must be a positive integer"),
         (["--limit", "abc"], "--limit must be"),
         (["--model", str(tmp_path / "missing")], "does not exist"),
         (["--model", str(tmp_path)], "not a cfjax model directory"),

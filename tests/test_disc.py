@@ -258,7 +258,7 @@ def test_capture_refuses_training_mode_and_models_without_bn():
         disc.capture(lambda vv, xx: model.apply(vv, xx, train=True, mutable=["batch_stats"])[0], v, x)
     nobn = NoBN()
     vn = nobn.init(jax.random.key(0), x)
-    with pytest.raises(CfjaxError, match="no BatchNorm layers; set --bn-weight 0"):
+    with pytest.raises(CfjaxError, match="no BatchNorm layers; set lambda_bn to 0"):
         disc.generate(nobn.apply, vn, np.zeros((1, 6, 6, 1), np.float32), [1], disc.DISCConfig(steps=3, progressive=False, prior="pixels"))
     # ... and with the BN weight at 0 it runs.
     out = disc.generate(nobn.apply, vn, np.zeros((1, 6, 6, 1), np.float32), [1], disc.DISCConfig(steps=3, progressive=False, prior="pixels", lambda_bn=0.0))

@@ -206,10 +206,10 @@ def test_load_duq_rejects_other_kinds(tmp_path):
 def test_cli_bad_inputs_one_line_exit_2(capsys, tmp_path):
     out = str(tmp_path / "d")
     cases = [
-        (["--source", "gan"], "cfjax: error: unknown --source 'gan': choose data or inversion"),
-        (["--classifier", "x"], "cfjax: error: --classifier is only used with --source inversion"),
-        (["--epochs", "0"], "cfjax: error: --epochs must be positive, got 0"),
-        (["--sigma", "-1"], "cfjax: error: DUQ sigma must be positive, got -1.0"),
+        (["--source", "gan"], "cfjax: error: unknown source 'gan': choose one of data, inversion (flag --source)"),
+        (["--classifier", "x"], "cfjax: error: a classifier is only used with source 'inversion' (flag --classifier)"),
+        (["--epochs", "0"], "cfjax: error: --epochs must be a positive integer, got 0"),
+        (["--sigma", "-1"], "cfjax: error: --sigma must be a positive finite number, got -1"),
     ]
     for extra, msg in cases:
         assert main(["train", "duq", "--out", out, *extra]) == 2
@@ -249,9 +249,14 @@ def test_inversion_bn_term_is_batch_statistics_with_first_layer_weight():
 
 
 def test_total_variation_matches_numpy():
+    # DeepInversion's anisotropic L1 form of the one total variation (DISC uses its squared 4-direction form)
+    from cfjax.methods.deep_inversion import total_variation
+
     x = np.random.default_rng(1).uniform(size=(2, 5, 6, 1)).astype(np.float32)
     ref = np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()
-    np.testing.assert_allclose(float(syn.total_variation(jnp.asarray(x))), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(total_variation(jnp.asarray(x), norm="l1", diagonals=False).mean()), ref, rtol=1e-5)
+    per_image = np.abs(np.diff(x, axis=1)).mean((1, 2, 3)) + np.abs(np.diff(x, axis=2)).mean((1, 2, 3))
+    np.testing.assert_allclose(np.asarray(total_variation(jnp.asarray(x), norm="l1", diagonals=False)), per_image, rtol=1e-5)
 
 
 def test_synthesize_optimises_the_inversion_objective():

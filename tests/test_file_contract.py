@@ -91,9 +91,9 @@ def test_bad_explain_input_is_one_line_exit_2(queries, tmp_path, capsys, extra, 
     "argv, message",
     [
         (["train", "flow", "--out", "{t}/no/such/dir", "--epochs", "1"], "does not exist"),
-        (["train", "flow", "--out", "{t}/run", "--checkpoint-every", "0"], "--checkpoint-every must be positive"),
-        (["train", "flow", "--out", "{t}/run", "--lr", "nan"], "--lr must be a finite number"),
-        (["train", "flow", "--out", "{t}/run", "--beta", "inf"], "--beta must be a finite number"),
+        (["train", "flow", "--out", "{t}/run", "--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
+        (["train", "flow", "--out", "{t}/run", "--lr", "nan"], "--lr must be a positive finite number"),
+        (["train", "flow", "--out", "{t}/run", "--beta", "inf"], "--beta must be a positive finite number"),
         (["train", "flow", "--out", "{t}/run", "--extra-train", "{t}/none.npz"], "does not exist"),
     ],
 )

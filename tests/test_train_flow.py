@@ -101,5 +101,5 @@ def test_augment_shift_trains_on_shifted_images_and_is_kept_on_resume(small, tmp
     assert train_flow.ckpt.read_model_info(tmp_path / "aug", expected_kind="flow")["augment_shift"] == 2
     with pytest.raises(CfjaxError, match="augment_shift=2"):
         _run(small, tmp_path / "aug", augment_shift=0, resume=True)
-    with pytest.raises(CfjaxError, match="augment-shift"):
+    with pytest.raises(CfjaxError, match="augment_shift"):
         train_flow.build_spec(CFG, small[0], 1e-3, 6, seed=0, augment_shift=-1)

@@ -9,6 +9,7 @@ module and written into its results JSON) is exceeded. torch and FrEIA come with
 import os
 import sys
 from types import SimpleNamespace
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -115,15 +116,34 @@ def test_shipped_models_match_their_twins():
     bench_train_flow.parity(8)
 
 
-def test_bench_cli_names_missing_checkout(monkeypatch, capsys):
+def test_bench_cli_names_missing_checkout(monkeypatch, capsys, tmp_path):
     """cfjax bench outside a checkout: one clear line, exit 2; bad options likewise."""
     from cfjax import cli
     from cfjax.pipelines import bench
 
-    def outside_checkout():
-        raise bench.CfjaxError("cfjax bench runs from a cfjax repository checkout")
-
-    monkeypatch.setattr(bench, "_import_benchmarks", outside_checkout)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site" / "cfjax" / "pipelines" / "bench.py"))
     assert cli.main(["bench", "ecinn", "--quick"]) == 2
     assert "repository checkout" in capsys.readouterr().err
     assert cli.main(["bench", "ecinn", "--budget", "-1"]) == 2
+
+
+def test_bench_runs_the_checkouts_benchmarks_in_a_subprocess(monkeypatch, tmp_path):
+    """cfjax bench = python -m benchmarks.run from the checkout, with options its parser accepts."""
+    import argparse
+
+    from benchmarks import run as bench_run
+    from cfjax import cli
+    from cfjax.pipelines import bench
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda argv, cwd, env: calls.append((argv, cwd, env)) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "disc", "--quick", "--sizes", "4,8", "--repeats", "2", "--out-dir", str(tmp_path / "r")]) == 0
+    (argv, cwd, env), = calls
+    assert argv[:3] == [sys.executable, "-m", "benchmarks.run"] and (Path(cwd) / "benchmarks" / "run.py").is_file()
+    assert str(cwd) in env["PYTHONPATH"].split(os.pathsep)
+    p = argparse.ArgumentParser()
+    bench_run.add_arguments(p)
+    a = p.parse_args(argv[3:])
+    assert (a.which, a.quick, a.sizes, a.repeats, a.out_dir) == ("disc", True, (4, 8), 2, str(tmp_path / "r"))

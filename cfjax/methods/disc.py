@@ -10,7 +10,9 @@ class y', optimise an image x_bar = render(phi) (see :mod:`cfjax.models.priors`)
       + lambda_tv   * total_variation(x_bar) + lambda_l2 * l2_prior(x_bar)
       + lambda_l1   * pixel_proximity(x_bar, x)
 
-Each term is its own pure function below (per-example values, batch = leading axis).
+Each term is its own pure function (per-example values, batch = leading axis); the BatchNorm
+capture and statistics term live in :mod:`cfjax.methods.bn_capture`, the total variation in
+:mod:`cfjax.methods.deep_inversion`, shared with data-free DeepInversion.
 :func:`generate` runs the whole optimisation for N queries at once: one ``jax.jit`` per stage,
 ``jax.vmap`` over examples, ``lax.scan`` over steps, Optax Adam with a cosine schedule;
 progressive stages raise the target probability (warm-starting each from the last) and give a
@@ -34,17 +36,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from cfjax.errors import CfjaxError
+from cfjax.methods.bn_capture import BN_CONVENTIONS, Capture, bn_statistics_loss, capture  # noqa: F401 - part of this module's API
+from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, total_variation  # noqa: F401 - part of this module's API
 from cfjax.models import priors as priors_lib
+from cfjax.validation import positive_float, validate_images, validate_targets
 
-BN_CONVENTIONS = ("image", "batch")
 TARGET_MODES = ("ce", "prob")
 MC_MODES = ("nll", "max")
 SCHEDULES = ("cosine", "constant")
@@ -100,60 +103,6 @@ def manifold_consistency(K: jax.Array, target: jax.Array, mode: str = "nll", is_
     raise CfjaxError(f"unknown manifold-consistency mode {mode!r}: choose one of {', '.join(MC_MODES)}")
 
 
-def _safe_norm(v: jax.Array, axis=-1) -> jax.Array:
-    # ||v||_2 with a finite gradient at v = 0.
-    return jnp.sqrt(jnp.sum(v * v, axis) + 1e-20)
-
-
-def bn_statistics_loss(
-    bn_inputs: Sequence[jax.Array],
-    running_stats: Sequence[tuple[jax.Array, jax.Array]],
-    convention: str = "image",
-    first_layer_weight: float = 10.0,
-) -> jax.Array:
-    """DeepInversion's BatchNorm-statistics term.
-
-    bn_inputs: per BN layer its INPUT, features last: (B, H, W, F) or (B, F) (see
-    :func:`capture`); running_stats: per layer (running mean (F,), running var (F,)).
-    Per layer: ||mu - mu_run||_2 + ||var - var_run||_2 with mu / var the mean / biased variance
-    over (B, H, W) (``"batch"``, returns a scalar) or over (H, W) of each image (``"image"``,
-    returns (B,); layers without spatial axes are skipped). The first BN layer is weighted by
-    ``first_layer_weight`` (10 in the DeepInversion reference code).
-    """
-    if convention not in BN_CONVENTIONS:
-        raise CfjaxError(f"unknown BatchNorm convention {convention!r}: choose one of {', '.join(BN_CONVENTIONS)}")
-    total = 0.0
-    for i, (h, (m_run, v_run)) in enumerate(zip(bn_inputs, running_stats)):
-        w = first_layer_weight if i == 0 else 1.0
-        if convention == "batch":
-            axes = tuple(range(h.ndim - 1))
-        else:
-            if h.ndim <= 2:
-                continue
-            axes = tuple(range(1, h.ndim - 1))
-        mu = jnp.mean(h, axes, keepdims=True)
-        var = jnp.mean((h - mu) ** 2, axes)
-        mu = jnp.squeeze(mu, axes)
-        total = total + w * (_safe_norm(mu - m_run) + _safe_norm(var - v_run))
-    if isinstance(total, float):  # no layer contributed
-        return jnp.zeros(bn_inputs[0].shape[:1]) if convention == "image" and bn_inputs else jnp.zeros(())
-    return total
-
-
-def total_variation(x: jax.Array) -> jax.Array:
-    """Mean squared differences between neighbouring pixels, summed over the horizontal,
-    vertical and both diagonal directions. x (B, H, W, C) -> (B,)."""
-    def msq(d):
-        return jnp.mean(d * d, (1, 2, 3))
-
-    return (
-        msq(x[:, :, 1:] - x[:, :, :-1])
-        + msq(x[:, 1:, :] - x[:, :-1, :])
-        + msq(x[:, 1:, 1:] - x[:, :-1, :-1])
-        + msq(x[:, 1:, :-1] - x[:, :-1, 1:])
-    )
-
-
 def l2_prior(x: jax.Array) -> jax.Array:
     """Mean squared pixel value, x (B, H, W, C) -> (B,)."""
     return jnp.mean(x * x, (1, 2, 3))
@@ -170,86 +119,6 @@ def reaches_target(probs: jax.Array, target: jax.Array, margin: float) -> jax.Ar
     pt = jnp.take_along_axis(probs, t, -1)[:, 0]
     others = jnp.where(jax.nn.one_hot(target, probs.shape[-1], dtype=bool), -jnp.inf, probs)
     return pt - jnp.max(others, -1) >= margin
-
-
-# ----------------------------------------------------------------------------------------------
-# Running any Flax linen classifier while recording BatchNorm inputs and features.
-
-
-class Capture(NamedTuple):
-    """What one classifier call recorded. logits (B, C); per BN layer its input with the feature
-    axis last, (B, ..., F), and its running mean / var (F,); features (B, ...) or None."""
-
-    logits: jax.Array
-    bn_inputs: tuple
-    bn_stats: tuple
-    features: jax.Array | None
-
-
-def _bn_features_last(module: nn.BatchNorm, h: jax.Array) -> jax.Array:
-    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axes = tuple(int(a) % h.ndim for a in axes)
-    if 0 in axes:
-        raise CfjaxError("a BatchNorm layer normalises over the batch axis 0: cfjax expects batch-first inputs")
-    rest = [a for a in range(h.ndim) if a not in axes]
-    h = jnp.transpose(h, rest + list(axes))
-    return h.reshape(h.shape[: len(rest)] + (-1,))
-
-
-def capture(
-    apply_fn: Callable,
-    variables: Any,
-    x: jax.Array,
-    apply_kwargs: dict | tuple | None = None,
-    feature_layer: str | None = "penultimate",
-) -> Capture:
-    """Run ``apply_fn(variables, x, **apply_kwargs) -> logits (B, C)`` recording, for every
-    ``nn.BatchNorm`` call, its input and running statistics (``batch_stats`` mean / var), and
-    the features of ``feature_layer``: ``"penultimate"`` = the input of the last ``nn.Dense``
-    called, ``"logits"``, a module name or path ("Conv_1", "encoder/Dense_0": its output), or
-    None. Pure (usable under jit/vmap/grad): uses ``flax.linen.intercept_methods``.
-
-    The classifier must run in evaluation mode (BatchNorm with ``use_running_average=True``);
-    pass e.g. ``apply_kwargs={"train": False}`` if ``apply_fn`` needs it.
-    """
-    kwargs = dict(apply_kwargs or {})
-    bn_inputs, bn_stats, feats = [], [], {}
-
-    def interceptor(next_fun, args, kw, ctx):
-        mod = ctx.module
-        if ctx.method_name == "__call__" and isinstance(mod, nn.BatchNorm):
-            ura = kw.get("use_running_average", args[1] if len(args) > 1 else None)
-            if not nn.merge_param("use_running_average", mod.use_running_average, ura):
-                raise CfjaxError(
-                    "the classifier runs BatchNorm in training mode; call it in evaluation mode "
-                    "(use_running_average=True, e.g. apply_kwargs={'train': False})"
-                )
-            h = args[0]
-            bn_inputs.append(_bn_features_last(mod, h))
-            bn_stats.append((mod.get_variable("batch_stats", "mean").reshape(-1), mod.get_variable("batch_stats", "var").reshape(-1)))
-        out = next_fun(*args, **kw)
-        if ctx.method_name == "__call__" and feature_layer not in (None, "logits"):
-            if feature_layer == "penultimate":
-                if isinstance(mod, nn.Dense):
-                    feats["f"] = args[0]
-            elif mod.name == feature_layer or "/".join(str(p) for p in mod.path) == feature_layer:
-                feats["f"] = out
-        return out
-
-    with nn.intercept_methods(interceptor):
-        logits = apply_fn(variables, x, **kwargs)
-    if not hasattr(logits, "ndim") or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-        raise CfjaxError(f"apply_fn must return logits of shape (B, C) = ({x.shape[0]}, C), got {getattr(logits, 'shape', type(logits))}")
-    if feature_layer == "logits":
-        features = logits
-    elif feature_layer is None:
-        features = None
-    else:
-        if "f" not in feats:
-            what = "no nn.Dense layer" if feature_layer == "penultimate" else f"no module named {feature_layer!r}"
-            raise CfjaxError(f"feature layer {feature_layer!r}: the classifier has {what}; choose another feature_layer or set lambda_feat 0")
-        features = feats["f"]
-    return Capture(logits, tuple(bn_inputs), tuple(bn_stats), features)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,15 +175,14 @@ class DISCConfig:
             if f.name.startswith("lambda_") or f.name == "bn_first_layer_weight":
                 v = getattr(self, f.name)
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                    raise CfjaxError(f"DISC weight {f.name} must be a finite number >= 0, got {v!r}")
+                    raise CfjaxError(f"DISC weight {f.name} must be a finite number >= 0, got {v!r}", argument=f.name)
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
             raise CfjaxError(f"DISC steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.fit_steps, int) or self.fit_steps < 0:
             raise CfjaxError(f"DISC fit_steps must be an integer >= 0, got {self.fit_steps!r}")
         for name in ("lr", "fit_lr"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise CfjaxError(f"DISC {name} must be positive, got {v!r}")
+            if getattr(self, name) is not None:
+                positive_float(getattr(self, name), f"DISC {name}")
         if self.prior not in priors_lib.PRIORS:
             raise CfjaxError(f"unknown prior {self.prior!r}: choose one of {', '.join(priors_lib.PRIORS)}")
         try:
@@ -421,13 +289,6 @@ def _make_tx(cfg: DISCConfig, steps: int, lr: float):
     return optax.adam(sched, b1=cfg.betas[0], b2=cfg.betas[1])
 
 
-# Steps per compiled chunk. The optimisation runs as a host loop over jitted chunks of fully
-# unrolled steps, not as one rolled ``lax.scan``: XLA:CPU runs the gradient of a convolution
-# inside a while-loop body 4-5x slower than in straight-line code (measured on the shipped CNN,
-# batch 32: 0.75 s vs 0.20 s per step; benchmarks/results/profile_loop_cpu.json).
-UNROLL = 10
-
-
 def _update_best(best, per_ex, probs, x, t, margin):
     """Keep the iterate with the lowest loss among those reaching the target with margin."""
     b_loss, b_x, b_found = best
@@ -500,11 +361,8 @@ def _stage_jit(params, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec
     last probs), each with the batch axis first."""
     args = (aux, xq, fq, t, tp, variables, duq_variables)
     carry = _begin_jit(params, *args, spec=spec)
-    done = 0
-    while done < spec.steps:
-        n = min(UNROLL, spec.steps - done)
+    for n in chunk_lengths(spec.steps, UNROLL):
         carry = _chunk_jit(carry, *args, spec=spec, length=n)
-        done += n
     return _end_jit(carry, *args, spec=spec)
 
 
@@ -558,6 +416,53 @@ def predict_proba(apply_fn: Callable, variables: Any, x: jax.Array, apply_kwargs
     return jax.nn.softmax(logits, -1)
 
 
+def _check_bn_layers(bn_shapes: list, cfg: DISCConfig) -> None:
+    """Refuse a BatchNorm-statistics term the classifier's BatchNorm layers cannot give."""
+    if cfg.lambda_bn <= 0:
+        return
+    if not bn_shapes:
+        raise CfjaxError("the classifier has no BatchNorm layers; set lambda_bn to 0", argument="lambda_bn")
+    if cfg.bn_convention == "image" and all(len(s) <= 2 for s in bn_shapes):
+        raise CfjaxError("the classifier's BatchNorm layers have no spatial axes, so per-image statistics are undefined; "
+                         "use bn_convention 'batch' or set lambda_bn to 0", argument="lambda_bn")
+
+
+def _duq_pair(duq) -> tuple:
+    """(log_kernel_fn, duq_variables), or (None, None) without manifold consistency."""
+    if duq is None:
+        return None, None
+    if not (isinstance(duq, tuple) and len(duq) == 2 and callable(duq[0])):
+        raise CfjaxError("duq must be a pair (log_kernel_fn, duq_variables) with log_kernel_fn(duq_variables, x) -> log K (N, C)")
+    return duq
+
+
+def _start(cfg: DISCConfig, keys: jax.Array, xq: jax.Array) -> tuple:
+    """(prior, params, aux, fit_mse) to start from: the prior initialised per query and, for a
+    generator prior, fitted to the query first. Coarse-to-fine starts on a half-resolution grid."""
+    prior = cfg.make_prior()
+    if cfg.coarse_to_fine:
+        prior = dataclasses.replace(prior, factor=2)
+    params, aux = _init_jit(keys, xq, prior)
+    fit_mse = jnp.zeros((xq.shape[0],), xq.dtype)
+    if prior.needs_fit and cfg.fit_steps > 0:
+        params, fit_mse = _fit_jit(params, aux, xq, prior, cfg.fit_steps, float(cfg.fit_lr or prior.default_lr))
+    return prior, params, aux, fit_mse
+
+
+def _stage_plan(cfg: DISCConfig) -> list[tuple[str, float, int]]:
+    """The stages as (target-loss mode, target probability, steps): the progressive schedule or
+    one cross-entropy stage (coarse-to-fine: that stage in two halves)."""
+    if cfg.progressive:
+        per = cfg.steps // len(cfg.stages)
+        plan = [("prob", s, per + (1 if i < cfg.steps % len(cfg.stages) else 0)) for i, s in enumerate(cfg.stages)]
+    else:
+        plan = [("ce", 1.0, cfg.steps)]
+    if cfg.coarse_to_fine and len(plan) == 1:
+        mode, tp, st = plan[0]
+        plan = [(mode, tp, max(1, st // 2)), (mode, tp, max(1, st - st // 2))]
+    return plan
+
+
 def generate(
     apply_fn: Callable,
     variables: Any,
@@ -585,7 +490,6 @@ def generate(
     (probability of the target on x_cf); probs_cf (N, C); fit_mse (N,) (generator fit to the
     query; 0 for pixels).
     """
-    from cfjax.data import validate_images, validate_targets
 
     cfg = config
     if not isinstance(cfg, DISCConfig):
@@ -603,42 +507,17 @@ def generate(
     if isinstance(targets, jax.Array) and targets.dtype == jnp.int32 and targets.shape == (n,):
         t = targets  # keep the caller's placement
     use_bn = cfg.lambda_bn > 0
-    if use_bn and not bn_shapes:
-        raise CfjaxError("the classifier has no BatchNorm layers; set --bn-weight 0")
-    if use_bn and cfg.bn_convention == "image" and all(len(s) <= 2 for s in bn_shapes):
-        raise CfjaxError("the classifier's BatchNorm layers have no spatial axes, so per-image statistics are undefined; use bn_convention 'batch' or set --bn-weight 0")
-    kernel_fn, duq_vars = (None, None)
-    if duq is not None:
-        if not (isinstance(duq, tuple) and len(duq) == 2 and callable(duq[0])):
-            raise CfjaxError("duq must be a pair (log_kernel_fn, duq_variables) with log_kernel_fn(duq_variables, x) -> log K (N, C)")
-        kernel_fn, duq_vars = duq
+    _check_bn_layers(bn_shapes, cfg)
+    kernel_fn, duq_vars = _duq_pair(duq)
     keys = _example_keys(jax.random.key(cfg.seed) if key is None else key, n)
-    prior = cfg.make_prior()
-    lr = float(cfg.lr or prior.default_lr)
     probs_q = jax.nn.softmax(logits_q, -1)
-
-    # Generator priors: fit to the query first. Coarse-to-fine starts on a half-resolution grid.
-    if cfg.coarse_to_fine:
-        prior = dataclasses.replace(prior, factor=2)
-    params, aux = _init_jit(keys, xq, prior)
-    fit_mse = jnp.zeros((n,), xq.dtype)
-    if prior.needs_fit and cfg.fit_steps > 0:
-        params, fit_mse = _fit_jit(params, aux, xq, prior, cfg.fit_steps, float(cfg.fit_lr or prior.default_lr))
-
-    # Stages: (mode, target probability, steps).
-    if cfg.progressive:
-        per = cfg.steps // len(cfg.stages)
-        plan = [("prob", s, per + (1 if i < cfg.steps % len(cfg.stages) else 0)) for i, s in enumerate(cfg.stages)]
-    else:
-        plan = [("ce", 1.0, cfg.steps)]
-    if cfg.coarse_to_fine and len(plan) == 1:
-        mode, tp, st = plan[0]
-        plan = [(mode, tp, max(1, st // 2)), (mode, tp, max(1, st - st // 2))]
+    prior, params, aux, fit_mse = _start(cfg, keys, xq)
+    lr = float(cfg.lr or prior.default_lr)
 
     stage_cfg = dataclasses.replace(cfg, seed=0, fit_steps=0, fit_lr=None)  # fewer recompilations
     traj, found_all = [], []
     x_cf = found_any = None
-    for i, (mode, tp, st) in enumerate(plan):
+    for i, (mode, tp, st) in enumerate(_stage_plan(cfg)):
         if cfg.coarse_to_fine and i == 1:
             prior = dataclasses.replace(prior, factor=1)
             params, aux = _refine_jit(params, aux, prior)
@@ -654,19 +533,24 @@ def generate(
             take = found | ~found_any
             x_cf = jnp.where(_expand(take, stage_x), stage_x, x_cf)
             found_any = found_any | found
-    probs_cf = predict_proba(apply_fn, variables, x_cf, dict(kw))
+    out = {"x_cf": x_cf, "trajectory": jnp.stack(traj), "stage_success": jnp.stack(found_all), "fit_mse": fit_mse}
+    return _with_predictions(out, predict_proba(apply_fn, variables, x_cf, dict(kw)), probs_q, t, cfg.margin)
+
+
+def _with_predictions(out: dict, probs_cf: jax.Array, probs_q: jax.Array, t: jax.Array, margin: float) -> dict:
+    """``out`` plus the classifier's view of queries and counterfactuals (see :func:`generate`)."""
     return {
-        "x_cf": x_cf,
-        "trajectory": jnp.stack(traj),
-        "stage_success": jnp.stack(found_all),
-        "success": reaches_target(probs_cf, t, cfg.margin),
+        "x_cf": out["x_cf"],
+        "trajectory": out["trajectory"],
+        "stage_success": out["stage_success"],
+        "success": reaches_target(probs_cf, t, margin),
         "y_pred": jnp.argmax(probs_q, -1).astype(jnp.int32),
         "p_pred": jnp.max(probs_q, -1),
         "y_target": t,
         "y_cf_pred": jnp.argmax(probs_cf, -1).astype(jnp.int32),
         "p_cf": jnp.take_along_axis(probs_cf, t[:, None], -1)[:, 0],
         "probs_cf": probs_cf,
-        "fit_mse": fit_mse,
+        "fit_mse": out["fit_mse"],
     }
 
 

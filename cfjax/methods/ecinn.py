@@ -19,6 +19,7 @@ batched inverse call (:func:`counterfactuals_all_classes`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -38,28 +39,55 @@ STEP_RULES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "full": lambda a0: jnp.ones_like(a0),
     # Exactly onto the decision boundary (a diagnostic: validity ~50% by construction).
     "boundary": lambda a0: a0,
-    # 30% of the remaining way to the target mean: smaller, more in-distribution moves. With
-    # refinement this is the CLI default (measured on mnist5k: see README).
+    # 30% of the remaining way to the target mean: smaller, more in-distribution moves
+    # (README compares the rules).
     "short": lambda a0: a0 + 0.3 * (1.0 - a0),
 }
 DIRECTIONS = ("predicted_means", "mu")
 
 
-def _step_fn(step) -> Callable[[jax.Array], jax.Array]:
+def step_rule(step) -> Callable[[jax.Array], jax.Array]:
+    """The alpha rule ``step`` names: a key of :data:`STEP_RULES`, a finite number (a constant
+    alpha), a numeric string, or a function of alpha0. CfjaxError for anything else."""
     if callable(step):
         return step
-    if isinstance(step, (int, float)):
+    if isinstance(step, str) and step not in STEP_RULES:
+        try:
+            step = float(step)
+        except ValueError:
+            pass
+    if isinstance(step, (int, float)) and not isinstance(step, bool):
+        if not math.isfinite(step):
+            raise CfjaxError(f"ECINN step must be a rule name or a finite number, got {step!r}")
         return lambda a0: jnp.full_like(a0, float(step))
     if step not in STEP_RULES:
         raise CfjaxError(f"unknown ECINN step rule {step!r}: choose one of {', '.join(STEP_RULES)}, a number, or a function of alpha0")
     return STEP_RULES[step]
 
 
-def _check_options(step, direction: str) -> None:
-    """Fail on an unknown step rule or direction before any network is evaluated."""
-    _step_fn(step)
+def parse_step(step):
+    """``step`` as :func:`counterfactual` takes it: a numeric string becomes its float; any other
+    value is returned as is once :func:`step_rule` accepts it."""
+    if isinstance(step, str):
+        try:
+            step = float(step)
+        except ValueError:
+            pass
+    step_rule(step)
+    return step
+
+
+def check_direction(direction: str) -> str:
+    """``direction`` if it is one of :data:`DIRECTIONS`; CfjaxError otherwise."""
     if direction not in DIRECTIONS:
         raise CfjaxError(f"unknown ECINN direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+    return direction
+
+
+def check_options(step, direction: str) -> None:
+    """Fail on an unknown step rule or direction before any network is evaluated."""
+    step_rule(step)
+    check_direction(direction)
 
 
 def latent_step(
@@ -76,8 +104,7 @@ def latent_step(
     z (B, D); source, target (B,) int; class_means (C, D).
     Returns (z_cf (B, D), alpha0 (B,), alpha (B,)). Where source == target nothing moves.
     """
-    if direction not in DIRECTIONS:
-        raise CfjaxError(f"unknown ECINN direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+    check_direction(direction)
     mu = latent_params["mu"]
     means = class_means if direction == "predicted_means" else mu
     d = means[target] - means[source]                        # (B, D)
@@ -88,7 +115,7 @@ def latent_step(
     b = -0.5 * jnp.sum((mu[source] + mu[target]) * w, -1)
     wd = jnp.sum(w * d, -1)
     alpha0 = (-b - jnp.sum(w * z, -1)) / jnp.where(same | (wd == 0), 1.0, wd)
-    alpha = _step_fn(step)(alpha0)
+    alpha = step_rule(step)(alpha0)
     alpha = jnp.where(same, 0.0, alpha)
     alpha0 = jnp.where(same, 0.0, alpha0)
     # JAX clamps out-of-range gathers: an invalid class must give NaN, never another class's answer.
@@ -150,7 +177,7 @@ def counterfactual(
     z, z_cf (B, D); alpha0, alpha (B,); refine_rounds (B,). With the defaults (the paper's step,
     no refinement) this is two network evaluations in all.
     """
-    _check_options(step, direction)
+    check_options(step, direction)
     z, _ = encode(params, config, x)
     y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
     return counterfactual_from_latent(params, config, z, y_pred, target, step, direction, refine)
@@ -164,7 +191,7 @@ def counterfactuals_all_classes(
     x (B, H, W, C) -> x_cf (B, C, H, W, C_img) (the predicted class's slot holds x itself,
     reconstructed), y_pred (B,), alpha (B, C).
     """
-    _check_options(step, direction)
+    check_options(step, direction)
     n_cls = config.num_classes
     z, _ = encode(params, config, x)
     y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.errors import CfjaxError
+from cfjax.validation import non_negative_float, positive_float
 from cfjax.models.classifier import max_pool_2x2
 
 
@@ -74,12 +75,10 @@ class DUQConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "num_classes" else 1):
                 raise CfjaxError(f"DUQ {name} must be a positive integer{' >= 2' if name == 'num_classes' else ''}, got {v!r}")
-        if not self.sigma > 0:
-            raise CfjaxError(f"DUQ sigma must be positive, got {self.sigma}")
+        positive_float(self.sigma, "DUQ sigma")
         if not 0.0 <= self.gamma < 1.0:
             raise CfjaxError(f"DUQ gamma must lie in [0, 1), got {self.gamma}")
-        if self.lambda_gp < 0:
-            raise CfjaxError(f"DUQ lambda_gp must be >= 0, got {self.lambda_gp}")
+        non_negative_float(self.lambda_gp, "DUQ lambda_gp")
         if not self.centroid_init_count > 0 or self.centroid_init_std < 0:
             raise CfjaxError("DUQ centroid_init_count must be positive and centroid_init_std >= 0")
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cfjax.errors import CfjaxError
+from cfjax.validation import positive_float
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ class LatentConfig:
     def __post_init__(self):
         if self.num_classes < 2:
             raise CfjaxError(f"LatentConfig.num_classes must be >= 2, got {self.num_classes}")
-        if self.beta <= 0:
-            raise CfjaxError(f"LatentConfig.beta must be positive, got {self.beta}")
+        positive_float(self.beta, "LatentConfig.beta")
         if not 0 <= self.label_smoothing < 1:
             raise CfjaxError(f"LatentConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

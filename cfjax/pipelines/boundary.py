@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from cfjax.errors import CfjaxError
+from cfjax.validation import positive_int
 
 Array = jax.Array
 SURROGATES = ("linear", "mlp")
@@ -56,8 +57,7 @@ def pgd_l2(logits_fn: Callable, x: Array, target: Array, budget: Array, steps: i
     projects back onto the L2 ball of radius ``budget`` around x and onto [0, 1].
     x (B, H, W, C) -> (B, H, W, C).
     """
-    if steps <= 0:
-        raise CfjaxError(f"PGD steps must be positive, got {steps}")
+    positive_int(steps, "PGD steps")
     eta = 2.5 * budget / steps
 
     def ce(xa):
@@ -201,8 +201,7 @@ def run_experiment(logits_fn: Callable, x: np.ndarray, x_cf: np.ndarray, y_targe
     x = np.asarray(x, np.float32)
     if len(x) == 0:
         raise CfjaxError("the decision-boundary experiment needs at least one query")
-    if seeds <= 0:
-        raise CfjaxError(f"seeds must be positive, got {seeds}")
+    positive_int(seeds, "seeds")
     y_x = _predict(logits_fn, x)
     sets = perturbation_sets(logits_fn, x, x_cf, np.asarray(y_target, np.int32), seed, pgd_steps)
     labelled = {"queries only": (x, y_x, 0.0, 0.0)}

@@ -11,8 +11,6 @@ Writes into DIR (default ``cfjax-demo/``):
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,30 +20,25 @@ import numpy as np
 
 from cfjax.data import load_dataset
 from cfjax.errors import CfjaxError
-from cfjax.pipelines.explain_common import add_data_arguments, save_npz_atomic
+from cfjax.checkpoint import write_json_atomic
+from cfjax.pipelines.explain_common import save_npz_atomic
+from cfjax.validation import positive_int
 
-XLA_WORKLOAD = "ecinn"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_data_arguments(p)
-    p.add_argument("--model", default=None, help="flow model directory (default: the shipped one)")
-    p.add_argument("--out", default="cfjax-demo", help="output directory (default ./cfjax-demo)")
-    p.add_argument("--per-class", type=int, default=5, help="test queries per class for the validity matrix (default 5)")
+PER_CLASS = 5  # test queries per class for the validity matrix
 
 
 def _pairs_figure(x_rows, x_all, y_pred, probs, path, title):
-    from cfjax.plotting import _mpl, _show, save_figure
+    from cfjax.plotting import pyplot, save_figure, show_image
 
-    plt = _mpl()
+    plt = pyplot()
     c = x_all.shape[1]
     fig, axes = plt.subplots(c, c + 1, figsize=(1.1 * (c + 1), 1.15 * c + 0.5), squeeze=False)
     for r in range(c):
-        _show(axes[r, 0], x_rows[r])
+        show_image(axes[r, 0], x_rows[r])
         axes[r, 0].set_ylabel(f"pred {int(y_pred[r])}", fontsize=7)
         for t in range(c):
             ax = axes[r, t + 1]
-            _show(ax, x_all[r, t])
+            show_image(ax, x_all[r, t])
             if t == int(y_pred[r]):
                 for s in ax.spines.values():
                     s.set_edgecolor("tab:blue")
@@ -61,26 +54,25 @@ def _pairs_figure(x_rows, x_all, y_pred, probs, path, title):
     save_figure(fig, path)
 
 
-def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=None, per_class: int = PER_CLASS) -> dict:
+    """The tour: accuracy, a validity matrix of ``per_class`` test queries per class explained
+    towards every other class, pictures and a summary, written into the directory ``out``.
+    Returns the summary."""
+    from cfjax import model_dirs
     from cfjax.models import flow_classifier as fc
     from cfjax.pipelines.explain_ecinn import explain_arrays
-    from cfjax.pipelines.train_flow import load_flow
-    from cfjax.plotting import save_counterfactual_grid
     from cfjax.pretrained import default_model_dir
 
-    if args.per_class <= 0:
-        raise CfjaxError(f"--per-class must be positive, got {args.per_class}")
-    out = Path(args.out)
+    positive_int(per_class, "per_class")
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise CfjaxError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model or default_model_dir("flow", args.data)
-    print(f"demo: loading {model_dir} and {args.data}/test", flush=True)
-    params, config, info = load_flow(model_dir)
-    test = load_dataset(args.data, "test", args.data_dir)
+    model_dir = model or default_model_dir("flow", data)
+    print(f"demo: loading {model_dir} and {data}/test", flush=True)
+    m = model_dirs.load("flow", model_dir)
+    params, config, info = m.params, m.config, m.info
+    test = load_dataset(data, "test", data_dir)
     c = config.num_classes
 
     # Accuracy of the shipped model on the whole test split.
@@ -89,7 +81,7 @@ def run(args) -> int:
     accuracy = float(np.mean(y_hat == test.labels))
 
     # Validity matrix: per_class queries of each true class, each explained towards every other class.
-    pick = np.concatenate([np.flatnonzero(test.labels == k)[: args.per_class] for k in range(c)])
+    pick = np.concatenate([np.flatnonzero(test.labels == k)[: per_class] for k in range(c)])
     xq, yq = test.images[pick], test.labels[pick]
     n = len(pick)
     xs = np.repeat(xq, c, 0)
@@ -113,7 +105,32 @@ def run(args) -> int:
         seconds=np.float32(seconds * moved.mean()), **{k: v[moved] for k, v in res.items()},
     )
 
-    # Pictures: every class pair from one query per class, and a labelled grid.
+    _pictures(out, params, config, test, y_hat, probs_fn, data)
+
+    summary = {
+        "model": str(model_dir),
+        "data": data,
+        "test_accuracy": accuracy,
+        "test_bits_per_dim": info.get("metrics", {}).get("test_bits_per_dim"),
+        "counterfactuals": int(moved.sum()),
+        "validity": validity,
+        "ms_per_counterfactual": 1000 * seconds / len(xs),
+        "compile_seconds": t_compile,
+        "mean_l1_per_pixel": float(np.mean(np.abs(res["x_cf"] - xs)[moved])),
+    }
+    write_json_atomic(out / "summary.json", summary)
+
+    _print_summary(summary, len(test), n, matrix, counts, out)
+    return summary
+
+
+def _pictures(out: Path, params, config, test, y_hat, probs_fn, data: str) -> None:
+    """pairs.png (every class pair from one query per class) and grid.png (16 queries, target =
+    next class)."""
+    from cfjax.pipelines.explain_ecinn import explain_arrays
+    from cfjax.plotting import save_counterfactual_grid
+
+    c = config.num_classes
     # The first test digit of each class that the model classifies correctly (a misclassified
     # query would label its row with another class).
     first = np.array([np.flatnonzero((test.labels == k) & (y_hat == k))[0] if np.any((test.labels == k) & (y_hat == k))
@@ -123,33 +140,26 @@ def run(args) -> int:
     x_all = pairs["x_cf"].reshape(c, c, *config.image_shape)
     probs_all = np.asarray(probs_fn(jnp.asarray(pairs["x_cf"]))).reshape(c, c, c)
     _pairs_figure(test.images[first], x_all, pairs["y_pred"][::c], probs_all, out / "pairs.png",
-                  f"ECINN on {args.data}: one test digit per class (rows) turned into every class (columns); "
+                  f"ECINN on {data}: one test digit per class (rows) turned into every class (columns); "
                   f"number = p(column class), red = not valid")
     g = explain_arrays(params, config, test.images[:16], "next")
     save_counterfactual_grid(out / "grid.png", test.images[:16], g["x_cf"], g["y_pred"], g["y_target"], g["y_cf_pred"],
                              heatmap=g["heatmap"], p_pred=g["p_pred"], p_cf=g["p_cf"], title="ECINN: target = next class")
 
-    summary = {
-        "model": str(model_dir),
-        "data": args.data,
-        "test_accuracy": accuracy,
-        "test_bits_per_dim": info.get("metrics", {}).get("test_bits_per_dim"),
-        "counterfactuals": int(moved.sum()),
-        "validity": validity,
-        "ms_per_counterfactual": 1000 * seconds / len(xs),
-        "compile_seconds": t_compile,
-        "mean_l1_per_pixel": float(np.mean(np.abs(res["x_cf"] - xs)[moved])),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+def _print_summary(summary: dict, n_test: int, n: int, matrix: np.ndarray, counts: np.ndarray, out: Path) -> None:
+    """The demo's table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
 
     con = Console()
-    tab = Table(title=f"cfjax demo: ECINN on {args.data} (shipped model)", show_header=False)
-    tab.add_row("model test accuracy", f"{accuracy:.2%} on {len(test)} test images")
+    tab = Table(title=f"cfjax demo: ECINN on {summary['data']} (shipped model)", show_header=False)
+    tab.add_row("model test accuracy", f"{summary['test_accuracy']:.2%} on {n_test} test images")
     if summary["test_bits_per_dim"] is not None:
         tab.add_row("model bits/dim", f"{summary['test_bits_per_dim']:.3f}")
-    tab.add_row("counterfactuals", f"{int(moved.sum())} ({n} queries x every other class)")
-    tab.add_row("validity (model predicts the target)", f"{validity:.2%}")
-    tab.add_row("time per counterfactual (CPU)", f"{summary['ms_per_counterfactual']:.2f} ms (+ {t_compile:.1f}s compile once)")
+    tab.add_row("counterfactuals", f"{summary['counterfactuals']} ({n} queries x every other class)")
+    tab.add_row("validity (model predicts the target)", f"{summary['validity']:.2%}")
+    tab.add_row("time per counterfactual (CPU)", f"{summary['ms_per_counterfactual']:.2f} ms (+ {summary['compile_seconds']:.1f}s compile once)")
     tab.add_row("mean |x_cf - x| per pixel", f"{summary['mean_l1_per_pixel']:.4f}")
     worst = np.where(counts > 0, matrix / np.maximum(counts, 1), 1.0)
     i, j = np.unravel_index(np.argmin(worst), worst.shape)
@@ -157,4 +167,3 @@ def run(args) -> int:
     tab.add_row("pictures", f"{out / 'pairs.png'}  {out / 'grid.png'}")
     tab.add_row("data", f"{out / 'demo.npz'}  (try: cfjax evaluate {out / 'demo.npz'})")
     con.print(tab)
-    return 0

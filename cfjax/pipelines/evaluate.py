@@ -22,9 +22,7 @@ holds one shard plus the reference data, not the whole run.
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +32,9 @@ import numpy as np
 
 from cfjax import metrics as M
 from cfjax.errors import CfjaxError
+from cfjax.model_dirs import LoadedModel
 from cfjax.pipelines.explain_common import check_writable, load_cf_npz
+from cfjax.validation import non_negative_int, positive_int
 
 CONVENTIONS = {
     "l1": "mean over images of sum |x_cf - x| over all H*W*C values",
@@ -51,58 +51,16 @@ CONVENTIONS = {
 }
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A trained model as a pure function: ``apply(params, x (B, H, W, C)) -> logits (B, C)``."""
-
-    kind: str
-    path: Path
-    apply: Callable
-    params: object
-    image_shape: tuple
-    num_classes: int
-    bits_per_dim: Callable | None = None  # (params, x) -> (B,), flows only
-
-
 def load_model(model_dir) -> LoadedModel:
-    """Load a classifier or flow model directory (CheckpointError/CfjaxError on any problem)."""
-    from cfjax.checkpoint import read_model_info
+    """A classifier or flow model directory as a :class:`~cfjax.model_dirs.LoadedModel`
+    (CheckpointError/CfjaxError on any problem, or for another kind of model)."""
+    from cfjax import model_dirs
 
     model_dir = Path(model_dir)
-    kind = read_model_info(model_dir)["kind"]
-    if kind == "classifier":
-        from cfjax.pipelines.train_classifier import load_classifier
-
-        apply_fn, variables, config, _ = load_classifier(model_dir)
-        return LoadedModel(kind, model_dir, lambda v, x: apply_fn(v, x), variables, tuple(config.image_shape), config.num_classes)
-    if kind == "flow":
-        from cfjax.models import flow_classifier as fc
-        from cfjax.pipelines.train_flow import load_flow
-
-        params, config, _ = load_flow(model_dir)
-        return LoadedModel(
-            kind, model_dir, lambda p, x: fc.class_logits(p, config, x), params, tuple(config.image_shape),
-            config.num_classes, bits_per_dim=lambda p, x: fc.nll_bits_per_dim(p, config, x),
-        )
-    raise CfjaxError(f"{model_dir} holds a {kind!r} model; evaluate needs a 'classifier' or 'flow' model")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cf", metavar="CF.npz", help="counterfactuals written by `cfjax explain <method> --out`: a CF.npz, or a shard directory (or its manifest.json) written with --shards")
-    p.add_argument("--json", default=None, help="also write the metrics as JSON to this path")
-    p.add_argument("--data", default="mnist5k", help="dataset the counterfactuals come from: its train split is the realism reference; 'none' skips realism (default mnist5k)")
-    p.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding a prepared copy (never downloads)")
-    p.add_argument("--oracle", default=None, help="independent classifier directory, or 'none' (default: the shipped <data>_oracle when there is one)")
-    p.add_argument("--flow", default=None, help="flow model directory for bits/dim, or 'none' (default: the shipped <data>_flow when there is one)")
-    p.add_argument("--model", default="auto", help="the explained model, for heatmap deletion/insertion: DIR, 'auto' (the model the CF.npz names, default) or 'none'")
-    p.add_argument("--threshold", type=float, default=0.1, help="change above which a pixel counts as changed for sparsity (default 0.1)")
-    p.add_argument("--pca-k", type=int, default=50, help="principal components for pca_error (default 50)")
-    p.add_argument("--heatmap-limit", type=int, default=64, help="queries used for the heatmap curves (default 64; 0 skips them)")
-    p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
-    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (default 32)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
-    p.add_argument("--judges", default="rbf,knn", help="pixel-space judges of other model families, fit on --data's train split and cached under ~/.cache/cfjax: a comma list of rbf, knn, or 'none' (default rbf,knn; single CF.npz files only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline heatmap")
+    kind, _, _ = model_dirs.read_config(model_dir)
+    if kind not in ("classifier", "flow"):
+        raise CfjaxError(f"{model_dir} holds a {kind!r} model; evaluate needs a 'classifier' or 'flow' model")
+    return model_dirs.load(kind, model_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +215,10 @@ ROWS = [
     ("judge_rbf", "x_cf the RBF random-feature pixel judge puts in the target class (cfjax.models.judges)"),
     ("judge_knn", "x_cf the PCA k-NN pixel judge puts in the target class"),
     ("judges_all_agree", "x_cf that every pixel judge puts in the target class"),
+    ("elastic_net", "study: ||x_cf - x||_1 + ||x_cf - x||_2"),
+    ("im1", "study: AE(cf class) / AE(query class) reconstruction error of x_cf (< 1 = more the cf class)"),
+    ("im2", "study: ||AE(cf class)(x_cf) - AE(all)(x_cf)||^2 / ||x_cf||_1 (lower = better)"),
+    ("fid", "study: Frechet distance of queries vs x_cf in the k-NN judge's PCA space"),
     ("oracle_accuracy_query", "yardstick: oracle accuracy on the queries"),
     ("nn_distance", "L2 to the nearest train image of the target class"),
     ("nn_distance_query", "yardstick: the same for the queries (true class)"),
@@ -315,6 +277,46 @@ def _sum(per_example) -> float:
     return float(np.sum(np.asarray(per_example, np.float64)))
 
 
+def _reference_metrics(data: dict, x, x_cf, ctx: dict, data_name, path: str, batch_size: int):
+    """(name, per-example values) of the metrics that need the reference data, oracle or flow
+    loaded by :func:`_setup`."""
+    if "ref" in ctx:
+        ref, pca = ctx["ref"], ctx["pca"]
+        _check_classes(data, ref.num_classes, f"--data {ref.name}", path)
+        missing = sorted(set(np.unique(data["y_target"]).tolist()) - ctx["ref_classes"])
+        if missing:
+            raise CfjaxError(f"--data {ref.name} train split has no image of target class(es) {missing}")
+        yield "nn_distance", M.nearest_neighbour_distance(x_cf, ref.images, ref.labels, data["y_target"], reduce=False)
+        yield "nn_distance_query", M.nearest_neighbour_distance(x, ref.images, ref.labels, data["y"], reduce=False)
+        yield "pca_error", M.pca_reconstruction_error(x_cf, pca, reduce=False)
+        yield "pca_error_query", M.pca_reconstruction_error(x, pca, reduce=False)
+        if data_name.startswith("fakemnist"):
+            yield from _fakemnist_per_example(data, path).items()
+    if "oracle" in ctx:
+        om, predict = ctx["oracle"]
+        _check_classes(data, om.num_classes, f"the oracle {om.path}", path)
+        yield "oracle_agreement", M.oracle_agreement(predict, x_cf, data["y_target"], batch_size, reduce=False)
+        yield "oracle_accuracy_query", M.oracle_agreement(predict, x, data["y"], batch_size, reduce=False)
+    if "bpd" in ctx:
+        yield "bits_per_dim", M.flow_bits_per_dim(ctx["bpd"], x_cf, batch_size, reduce=False)
+        yield "bits_per_dim_query", M.flow_bits_per_dim(ctx["bpd"], x, batch_size, reduce=False)
+
+
+def _heatmap_model(model, first: dict, notes: dict) -> Path | None:
+    """The model directory the heatmap curves use (--model, or the one the file names), or None
+    with the reason in ``notes``."""
+    if str(model).lower() == "none":
+        notes["heatmap"] = "--model none"
+        return None
+    if str(model).lower() != "auto":
+        return Path(model)
+    named = str(first["model"]) if "model" in first and first["model"].shape == () else None
+    if named and (Path(named) / "cfjax_model.json").exists():
+        return Path(named)
+    notes["heatmap"] = "no --model given and the CF.npz names no existing model directory"
+    return None
+
+
 def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, oracle=None, flow=None, model="auto",
                     threshold: float = 0.1, pca_k: int = 50, heatmap_limit: int = 64, steps: int = 20, ig_steps: int = 32,
                     batch_size: int = 256, seed: int = 0, seconds: float | None = None) -> tuple[dict, dict]:
@@ -326,12 +328,10 @@ def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, ora
     chunks' own for ``seconds_per_cf``.
     """
 
-    if batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
-    if heatmap_limit < 0:
-        raise CfjaxError(f"--heatmap-limit must be >= 0, got {heatmap_limit}")
-    if steps <= 0 or ig_steps <= 0:
-        raise CfjaxError(f"--steps and --ig-steps must be positive, got {steps} and {ig_steps}")
+    positive_int(batch_size, "batch_size")
+    non_negative_int(heatmap_limit, "heatmap_limit")
+    positive_int(steps, "steps")
+    positive_int(ig_steps, "ig_steps")
     notes: dict = {}
     sums: dict = {}
     n_total = 0
@@ -360,27 +360,8 @@ def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, ora
         add("sparsity", M.sparsity(x, x_cf, threshold, reduce=False))
         if "seconds" in data:
             chunk_seconds += float(data["seconds"])
-        if "ref" in ctx:
-            ref, pca = ctx["ref"], ctx["pca"]
-            _check_classes(data, ref.num_classes, f"--data {ref.name}", path)
-            missing = sorted(set(np.unique(data["y_target"]).tolist()) - ctx["ref_classes"])
-            if missing:
-                raise CfjaxError(f"--data {ref.name} train split has no image of target class(es) {missing}")
-            add("nn_distance", M.nearest_neighbour_distance(x_cf, ref.images, ref.labels, data["y_target"], reduce=False))
-            add("nn_distance_query", M.nearest_neighbour_distance(x, ref.images, ref.labels, data["y"], reduce=False))
-            add("pca_error", M.pca_reconstruction_error(x_cf, pca, reduce=False))
-            add("pca_error_query", M.pca_reconstruction_error(x, pca, reduce=False))
-            if data_name.startswith("fakemnist"):
-                for k, v in _fakemnist_per_example(data, path).items():
-                    add(k, v)
-        if "oracle" in ctx:
-            om, predict = ctx["oracle"]
-            _check_classes(data, om.num_classes, f"the oracle {om.path}", path)
-            add("oracle_agreement", M.oracle_agreement(predict, x_cf, data["y_target"], batch_size, reduce=False))
-            add("oracle_accuracy_query", M.oracle_agreement(predict, x, data["y"], batch_size, reduce=False))
-        if "bpd" in ctx:
-            add("bits_per_dim", M.flow_bits_per_dim(ctx["bpd"], x_cf, batch_size, reduce=False))
-            add("bits_per_dim_query", M.flow_bits_per_dim(ctx["bpd"], x, batch_size, reduce=False))
+        for key, per_example in _reference_metrics(data, x, x_cf, ctx, data_name, path, batch_size):
+            add(key, per_example)
         if "heatmap" in first and "heatmap" in data:
             have = sum(len(h) for h in heat["x"])
             take = max(0, heatmap_limit - have)
@@ -402,18 +383,8 @@ def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, ora
         notes["heatmap"] = "the CF.npz has no heatmap"
     elif heatmap_limit == 0:
         notes["heatmap"] = "--heatmap-limit 0"
-    elif str(model).lower() == "none":
-        notes["heatmap"] = "--model none"
     else:
-        model_dir = None
-        if str(model).lower() == "auto":
-            named = str(first["model"]) if "model" in first and first["model"].shape == () else None
-            if named and (Path(named) / "cfjax_model.json").exists():
-                model_dir = Path(named)
-            else:
-                notes["heatmap"] = "no --model given and the CF.npz names no existing model directory"
-        else:
-            model_dir = Path(model)
+        model_dir = _heatmap_model(model, first, notes)
         if model_dir is not None:
             hd = {k: np.concatenate(v) for k, v in heat.items()}
             em = load_model(model_dir)
@@ -423,10 +394,7 @@ def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, ora
             res.update(_heatmap_metrics(hd, em, heatmap_limit, steps, ig_steps, batch_size, seed))
             res["heatmap_model"] = str(model_dir)
 
-    out = {}
-    for k, v in res.items():
-        out[k] = v if isinstance(v, str) else (int(v) if isinstance(v, (int, np.integer)) else float(v))
-    return out, notes
+    return {k: v if isinstance(v, str) else (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in res.items()}, notes
 
 
 def _setup(first: dict, path: str, data_name, data_dir, oracle, flow, pca_k: int, batch_size: int, notes: dict, image_shape) -> dict:
@@ -438,8 +406,7 @@ def _setup(first: dict, path: str, data_name, data_dir, oracle, flow, pca_k: int
         ref = load_dataset(data_name, "train", data_dir)
         if ref.image_shape != image_shape:
             raise CfjaxError(f"--data {data_name} images are {ref.image_shape} but {path} holds {image_shape}; pass the dataset the counterfactuals came from (or --data none)")
-        if pca_k <= 0:
-            raise CfjaxError(f"--pca-k must be positive, got {pca_k}")
+        positive_int(pca_k, "pca_k")
         k = min(pca_k, len(ref), int(np.prod(ref.image_shape)))
         ctx.update(ref=ref, pca=M.fit_pca(ref.images, k), pca_k=k, ref_classes=set(np.unique(ref.labels).tolist()))
     else:
@@ -478,16 +445,23 @@ def _parse_judges(spec: str) -> tuple[str, ...]:
     return kinds
 
 
-def _fitted_judge(kind: str, data_name: str, data_dir) -> dict:
-    """A judge fit on the train split of ``data_name``, cached by dataset and content hash."""
+def _train_split(data_name: str, data_dir):
+    """The train split of ``data_name`` and a short content hash naming its cached judges."""
     import hashlib
 
     from cfjax.data import load_dataset
-    from cfjax.models import judges
 
     train = load_dataset(data_name, "train", data_dir)
-    digest = hashlib.sha256(train.images.tobytes() + train.labels.tobytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("CFJAX_CACHE", Path.home() / ".cache" / "cfjax")) / f"judge_{kind}_{data_name}_{digest}.npz"
+    return train, hashlib.sha256(train.images.tobytes() + train.labels.tobytes()).hexdigest()[:16]
+
+
+def _fitted_judge(kind: str, data_name: str, data_dir) -> dict:
+    """A judge fit on the train split of ``data_name``, cached by dataset and content hash."""
+    from cfjax.models import judges
+    from cfjax.pipelines.study import cache_dir
+
+    train, digest = _train_split(data_name, data_dir)
+    cache = cache_dir() / f"judge_{kind}_{data_name}_{digest}.npz"
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as f:
@@ -518,45 +492,68 @@ def judge_metrics(data: dict, data_name: str, data_dir, kinds) -> dict:
     return out
 
 
-def run(args) -> int:
+def study_metrics(data: dict, data_name: str, data_dir) -> dict:
+    """The evaluation study's ElasticNet, IM1, IM2 and Frechet distance (:mod:`cfjax.pipelines.study`),
+    with autoencoders and the k-NN judge fit on ``data_name``'s train split (cached)."""
+    from cfjax.pipelines import study
+
+    train, digest = _train_split(data_name, data_dir)
+    aes = study.cached_autoencoders(train.images, train.labels, train.num_classes, f"{data_name}_{digest}")
+    table = study.study_table(data["x"], data["x_cf"], data["y_pred"], data["y_cf_pred"], aes,
+                              _fitted_judge("knn", data_name, data_dir))
+    return {k: v.get("mean", v.get("value")) for k, v in table.items()}
+
+
+def evaluate_file(cf, *, json=None, data: str | None = "mnist5k", data_dir=None, oracle=None, flow=None, model="auto",
+                  threshold: float = 0.1, pca_k: int = 50, heatmap_limit: int = 64, steps: int = 20, ig_steps: int = 32,
+                  batch_size: int = 256, judges: str = "rbf,knn", study: bool = False, seed: int = 0) -> dict:
+    """Print the metrics table of the CF.npz or shard directory ``cf`` (``data`` None: no realism
+    reference) and, with ``json``, write them there. Returns the metrics."""
     from cfjax.checkpoint import write_json_atomic
     from cfjax.pipelines import shards as sh
 
-    json_path = check_writable(args.json, "--json") if args.json else None
-    data_name = None if str(args.data).lower() == "none" else args.data
-    opts = (args.data_dir, args.oracle, args.flow, args.model, args.threshold, args.pca_k, args.heatmap_limit,
-            args.steps, args.ig_steps, args.batch_size, args.seed)
-    if sh.is_shard_dir(args.cf):
+    json_path = check_writable(json, "--json") if json else None
+    data_name = data
+    opts = (data_dir, oracle, flow, model, threshold, pca_k, heatmap_limit, steps, ig_steps, batch_size, seed)
+    if sh.is_shard_dir(cf):
         # A shard directory: one shard in memory at a time; every shard is checked against the manifest.
-        shard_set = sh.open_shards(args.cf)
+        shard_set = sh.open_shards(cf)
 
         def chunks():
             for i, d in enumerate(sh.iter_shards(shard_set)):
                 _check_contents(d, str(shard_set.out_dir / shard_set.entries[i]["file"]))
                 yield d
 
-        res, notes = evaluate_chunks(chunks(), args.cf, data_name, *opts, seconds=shard_set.seconds)
+        res, notes = evaluate_chunks(chunks(), cf, data_name, *opts, seconds=shard_set.seconds)
         method = str(shard_set.header.get("method", "unknown"))
         n = shard_set.num_done
-        title = f"{args.cf}: {n} counterfactuals in {len(shard_set.entries)} shard(s) ({method})"
+        title = f"{cf}: {n} counterfactuals in {len(shard_set.entries)} shard(s) ({method})"
     else:
-        data = load_cf_npz(args.cf)
-        _check_contents(data, args.cf)
-        kinds = _parse_judges(args.judges)  # checked before the (slower) evaluation
-        res, notes = evaluate(data, args.cf, data_name, *opts)
+        arrays = load_cf_npz(cf)
+        _check_contents(arrays, cf)
+        kinds = _parse_judges(judges)  # checked before the (slower) evaluation
+        res, notes = evaluate(arrays, cf, data_name, *opts)
         if kinds and data_name is not None:
-            res.update(judge_metrics(data, data_name, args.data_dir, kinds))
+            res.update(judge_metrics(arrays, data_name, data_dir, kinds))
         elif kinds:
             notes["judges"] = "--data none"
-        method = str(data["method"]) if "method" in data and data["method"].shape == () else "unknown"
-        n = int(data["x"].shape[0])
-        title = f"{args.cf}: {n} counterfactuals ({method})"
-    _print_table(res, notes, title, args.threshold)
+        if study and data_name is not None:
+            missing = [k for k in ("y_pred", "y_cf_pred") if k not in arrays]
+            if missing:
+                notes["study"] = f"{cf} has no {' or '.join(missing)}"
+            else:
+                res.update(study_metrics(arrays, data_name, data_dir))
+        elif study:
+            notes["study"] = "--data none"
+        method = str(arrays["method"]) if "method" in arrays and arrays["method"].shape == () else "unknown"
+        n = int(arrays["x"].shape[0])
+        title = f"{cf}: {n} counterfactuals ({method})"
+    _print_table(res, notes, title, threshold)
     if json_path is not None:
         payload = {
-            "file": str(args.cf), "method": method, "n": n, "data": data_name, "threshold": args.threshold,
+            "file": str(cf), "method": method, "n": n, "data": data_name, "threshold": threshold,
             **res, "conventions": CONVENTIONS, "skipped": notes,
         }
         write_json_atomic(json_path, payload)
         print(f"metrics -> {json_path}")
-    return 0
+    return res

@@ -1,4 +1,5 @@
-"""What `cfjax explain <method>` shares across methods: arguments, queries, targets, outputs.
+"""What `cfjax explain <method>` shares across methods: queries, targets, outputs (the flags
+themselves are declared in :mod:`cfjax.cli.common`).
 
 The CF.npz contract (every method writes it; `cfjax evaluate` reads it):
     x          (N, H, W, C) float32 in [0, 1]   the queries
@@ -15,65 +16,78 @@ optional:  p_pred (N,) probability of y_pred on x; p_cf (N,) probability of y_ta
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cfjax.data import Dataset, available_datasets, load_dataset
+from cfjax.checkpoint import output_mode
+from cfjax.data import Dataset, load_dataset
 from cfjax.errors import CfjaxError
+from cfjax.validation import class_range_problem
 
 REQUIRED_KEYS = ("x", "x_cf", "y", "y_pred", "y_target", "y_cf_pred")
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="mnist5k", help=f"dataset name (default mnist5k, embedded; others via tfds: {', '.join(available_datasets()[2:])}) or a .npz file with x (N, H, W, C) uint8/[0, 1] floats and optional y")
-    p.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding a prepared copy, or a folder of the four MNIST-style IDX files (never downloads)")
+@dataclass(frozen=True)
+class Queries:
+    """What to explain: the model (a directory or a shipped name; None: the shipped model for
+    ``data``), the dataset or .npz file, its split (None: test), how many queries (an int, its
+    text, or 'all'/None) and the targets ('next', a class index, or a .npy of one per query)."""
+
+    data: str = "mnist5k"
+    data_dir: str | None = None
+    split: str | None = None
+    limit: int | str | None = 64
+    target: str = "next"
+    model: str | None = None
 
 
-def add_explain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory or the name of a shipped model (mnist5k, fakemnist5k); default: the shipped model for --data")
-    add_data_arguments(p)
-    p.add_argument("--split", default=None, help="dataset split to explain (default test; not with a file --data)")
-    p.add_argument("--limit", default="64", help="number of queries, or 'all' (default 64)")
-    p.add_argument("--target", default="next", help="'next' = (predicted class + 1) mod C, a class index K, or a .npy of one class index per query (file order, after --limit)")
-    p.add_argument("--out", required=True, help="output CF.npz")
-    p.add_argument("--png", default=None, help="also write a picture grid: query | counterfactual | difference | heatmap")
-    p.add_argument("--batch-size", type=int, default=256, help="queries per compiled batch (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0; ECINN is deterministic and ignores it)")
+@dataclass(frozen=True)
+class Output:
+    """Where an explain run writes: one CF.npz (``out``, optional picture ``png``) or, with
+    ``shards`` (or ``out`` an existing directory), a shard directory of ``shard_size`` queries a
+    shard, continued with ``resume``, shared by ``process_count`` writers (see
+    :mod:`cfjax.pipelines.shards`)."""
+
+    out: str
+    png: str | None = None
+    shards: bool = False
+    shard_size: int = 1024
+    resume: bool = False
+    process_index: int | None = None
+    process_count: int | None = None
+    distributed: bool = False
+    coordinator_address: str | None = None
 
 
-def add_shard_arguments(p: argparse.ArgumentParser, default_shard_size: int = 1024) -> None:
-    g = p.add_argument_group("dataset-scale runs (see cfjax.pipelines.shards)")
-    g.add_argument("--shards", action="store_true", help="write --out as a directory of shards (shard-00000.npz ...) plus manifest.json, streaming the split chunk by chunk; implied when --out is an existing directory")
-    g.add_argument("--shard-size", type=int, default=default_shard_size, help=f"queries per shard (default {default_shard_size})")
-    g.add_argument("--resume", action="store_true", help="continue the shard directory --out: verify its finished shards and compute the rest (settings must match)")
-    g.add_argument("--process-index", type=int, default=None, help="this process's index among --process-count writers of one shard directory (default: jax.process_index())")
-    g.add_argument("--process-count", type=int, default=None, help="number of processes sharing the shard directory; process p computes shards k with k %% count == p (default: jax.process_count())")
-    g.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (multi-host pods; untested in this repository)")
-
-
-def wants_shards(args) -> bool:
+def wants_shards(output) -> bool:
     """Sharded output: --shards, or --out names an existing directory. --resume needs it."""
-    sharded = bool(getattr(args, "shards", False)) or Path(args.out).is_dir()
-    if getattr(args, "resume", False) and not sharded:
-        raise CfjaxError(f"--resume continues a shard directory: pass --shards (and --out DIR), got --out {args.out}")
+    sharded = bool(getattr(output, "shards", False)) or Path(output.out).is_dir()
+    if getattr(output, "distributed", False) and not sharded:
+        raise CfjaxError(f"--distributed processes share a shard directory: pass --shards (and --out DIR), got --out {output.out}")
+    if getattr(output, "resume", False) and not sharded:
+        raise CfjaxError(f"--resume continues a shard directory: pass --shards (and --out DIR), got --out {output.out}")
     return sharded
 
 
-def process_layout(args) -> tuple[int, int]:
+def process_layout(output) -> tuple[int, int]:
     """(process index, process count) for a sharded run; initialises jax.distributed on request."""
     import jax
 
-    if getattr(args, "distributed", False):
+    if getattr(output, "coordinator_address", None) and not getattr(output, "distributed", False):
+        raise CfjaxError("--coordinator-address is for --distributed runs; add --distributed")
+    if getattr(output, "distributed", False):
         try:
-            jax.distributed.initialize()
+            if not jax.distributed.is_initialized():  # once per process (a library caller may have done it)
+                jax.distributed.initialize(coordinator_address=getattr(output, "coordinator_address", None),
+                                           num_processes=output.process_count, process_id=output.process_index)
         except Exception as e:
             raise CfjaxError(f"--distributed: jax.distributed.initialize() failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    index = jax.process_index() if args.process_index is None else int(args.process_index)
-    count = jax.process_count() if args.process_count is None else int(args.process_count)
+    index = jax.process_index() if output.process_index is None else int(output.process_index)
+    count = jax.process_count() if output.process_count is None else int(output.process_count)
     if count <= 0 or not 0 <= index < count:
         raise CfjaxError(f"--process-index {index} must lie in 0..{count - 1} (--process-count {count})")
     return index, count
@@ -84,26 +98,26 @@ def is_data_file(data: str) -> bool:
     return str(data).lower().endswith(".npz") or os.sep in str(data)
 
 
-def query_split(args) -> str:
+def query_split(queries) -> str:
     """The split to explain: --split (default test); refused with a file --data (a file is one split)."""
-    if is_data_file(args.data):
-        if getattr(args, "split", None) is not None:
-            raise CfjaxError(f"--split {args.split}: a file --data {args.data} is one split; leave --split out")
+    if is_data_file(queries.data):
+        if getattr(queries, "split", None) is not None:
+            raise CfjaxError(f"--split {queries.split}: a file --data {queries.data} is one split; leave --split out")
         return "file"
-    return args.split or "test"
+    return queries.split or "test"
 
 
-def resolve_model_dir(args, kind: str) -> Path:
+def resolve_model_dir(queries, kind: str) -> Path:
     """--model as a directory or a shipped model's name; without it, the shipped model for --data."""
     from cfjax.pretrained import default_model_dir, is_shipped_name
 
-    if args.model:
-        if not Path(args.model).exists() and is_shipped_name(kind, args.model):
-            return default_model_dir(kind, args.model)
-        return Path(args.model)
-    if is_data_file(args.data):
-        raise CfjaxError(f"--data {args.data} is a file: say which model explains it with --model (a directory or a shipped name such as mnist5k)")
-    return default_model_dir(kind, args.data)
+    if queries.model:
+        if not Path(queries.model).exists() and is_shipped_name(kind, queries.model):
+            return default_model_dir(kind, queries.model)
+        return Path(queries.model)
+    if is_data_file(queries.data):
+        raise CfjaxError(f"--data {queries.data} is a file: say which model explains it with --model (a directory or a shipped name such as mnist5k)")
+    return default_model_dir(kind, queries.data)
 
 
 def target_file(spec) -> np.ndarray | None:
@@ -142,21 +156,29 @@ def targets_for(spec, n: int, num_classes: int):
         return str(spec)
     if len(t) != n:
         raise CfjaxError(f"--target {spec} holds {len(t)} targets but there are {n} queries (after --limit)")
-    if t.size and (t.min() < 0 or t.max() >= num_classes):
-        raise CfjaxError(f"--target {spec}: class {int(t.max() if t.max() >= num_classes else t.min())} is outside the model's classes 0..{num_classes - 1}")
+    problem = class_range_problem(t, num_classes)
+    if problem:
+        raise CfjaxError(f"--target {spec}: {problem}")
     return t.astype(np.int32)
 
 
-def open_queries(args):
+def check_target_spec(spec) -> None:
+    """Refuse a target that is neither 'next', an integer nor a .npy file name (the class range
+    needs the model and is checked against it later)."""
+    if not str(spec).lower().endswith(".npy"):
+        resolve_targets(spec, np.zeros(1, np.int32), 1 << 30)
+
+
+def open_queries(queries):
     """A SplitReader over --data/--split and the number of queries --limit asks for."""
     from cfjax.data import open_split, reader_from_arrays
 
-    split = query_split(args)
+    split = query_split(queries)
     if split == "file":
-        reader = reader_from_arrays(load_dataset_file(args.data))
+        reader = reader_from_arrays(load_dataset_file(queries.data))
     else:
-        reader = open_split(args.data, split, args.data_dir)
-    limit = parse_limit(args.limit)
+        reader = open_split(queries.data, split, queries.data_dir)
+    limit = parse_limit(queries.limit)
     return reader, len(reader) if limit is None else min(limit, len(reader))
 
 
@@ -166,9 +188,9 @@ def parse_limit(limit) -> int | None:
     try:
         n = int(limit)
     except ValueError:
-        raise CfjaxError(f"--limit must be a positive integer or 'all', got {limit!r}") from None
-    if n <= 0:
-        raise CfjaxError(f"--limit must be positive, got {n}")
+        n = None
+    if n is None or n <= 0:
+        raise CfjaxError(f"limit must be a positive integer or 'all', got {limit!r}")
     return n
 
 
@@ -178,10 +200,10 @@ def load_dataset_file(path) -> Dataset:
     return load_npz_dataset(path)
 
 
-def load_queries(args) -> Dataset:
-    split = query_split(args)
-    limit = parse_limit(args.limit)  # before the (slower) load
-    ds = load_dataset_file(args.data) if split == "file" else load_dataset(args.data, split, args.data_dir)
+def load_queries(queries) -> Dataset:
+    split = query_split(queries)
+    limit = parse_limit(queries.limit)  # before the (slower) load
+    ds = load_dataset_file(queries.data) if split == "file" else load_dataset(queries.data, split, queries.data_dir)
     return ds.take(limit)
 
 
@@ -193,9 +215,10 @@ def resolve_targets(spec, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     try:
         k = int(s)
     except ValueError:
-        raise CfjaxError(f"--target must be 'next' or a class index, got {spec!r}") from None
-    if not 0 <= k < num_classes:
-        raise CfjaxError(f"--target {k} is outside the model's classes 0..{num_classes - 1}")
+        raise CfjaxError(f"target must be 'next' or a class index, got {spec!r}") from None
+    problem = class_range_problem(np.asarray([k]), num_classes)
+    if problem:
+        raise CfjaxError(f"target {problem}")
     return np.full(np.shape(y_pred), k, np.int32)
 
 
@@ -229,12 +252,6 @@ def check_picture(path, out=None, what: str = "--png") -> Path:
     return p
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
     """Write an .npz through a temporary file and an atomic rename: no half-written file."""
     path = check_writable(path)
@@ -242,7 +259,7 @@ def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
     os.close(fd)
     try:
         np.savez_compressed(tmp, **arrays)
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; outputs follow the user's umask
+        os.chmod(tmp, output_mode())  # mkstemp makes 0600; outputs follow the user's umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

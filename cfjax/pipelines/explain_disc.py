@@ -1,8 +1,4 @@
-"""DISC counterfactuals for a BatchNorm classifier by deep model inversion.
-
-    cfjax explain disc [--model DIR] --data mnist5k --split test --limit N --target next|K \
-        --out CF.npz [--png GRID.png] [--steps S] [--prior pixels|dip|inr] [--manifold duq|none] \
-        [--duq DIR] [--bn-weight W] [--progressive|--no-progressive] [--batch-size B] [--seed S]
+"""DISC counterfactuals for a BatchNorm classifier by deep model inversion (``cfjax explain disc``).
 
 Defaults (``cfjax.methods.disc.DISCConfig()`` and ``--manifold duq``) were chosen by
 ``examples/disc_ablation.py``; see ``examples/results/disc_ablation.md``. The queries run in
@@ -13,36 +9,33 @@ method="disc", seconds).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.data import validate_images, validate_targets
+from cfjax.validation import positive_int, validate_images, validate_targets
 from cfjax.errors import CfjaxError
 from cfjax.methods import disc
 from cfjax.pipelines.explain_common import (
-    add_explain_arguments,
-    add_shard_arguments,
+    Output,
+    Queries,
     check_picture,
+    check_target_spec,
     check_writable,
-    resolve_model_dir,
-    target_file,
-    target_header,
-    targets_for,
     load_queries,
     open_queries,
     process_layout,
+    resolve_model_dir,
     resolve_targets,
     save_npz_atomic,
+    target_header,
+    targets_for,
     wants_shards,
 )
 from cfjax.pipelines.progress import progress_bar
 from cfjax.pipelines.sharding import batch_mesh, mesh_size, replicate, round_batch, shard_batch
-
-XLA_WORKLOAD = "disc"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu): none, measured slower
 
 MANIFOLDS = ("duq", "none")
 DEFAULT_MANIFOLD = "duq"
@@ -51,10 +44,11 @@ DEFAULT_SHARD_SIZE = 256  # DISC is an optimisation per query: smaller shards lo
 
 def duq_from_dir(model_dir) -> tuple:
     """``(log_kernel_fn, variables)`` for :func:`cfjax.methods.disc.generate` from a DUQ model dir."""
+    from cfjax import model_dirs
     from cfjax.models.duq import duq_log_kernel
-    from cfjax.pipelines.train_duq import load_duq
 
-    variables, config, _ = load_duq(model_dir)
+    m = model_dirs.load("duq", model_dir)
+    variables, config = m.params, m.config
 
     def log_kernel_fn(v, x):
         return duq_log_kernel(v, config, x)
@@ -97,8 +91,7 @@ def explain_arrays(
     """
     x = validate_images(x, None, "queries")
     n = len(x)
-    if batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
+    batch_size = positive_int(batch_size, "batch_size")
     base = jax.random.key(config.seed if seed is None else seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n) + int(index_offset))
     mesh = batch_mesh(devices)
@@ -129,143 +122,116 @@ def explain_arrays(
     return res
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = disc.DISCConfig()
-    add_explain_arguments(p)
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps in all, split over the stages (default {d.steps})")
-    p.add_argument("--prior", default=d.prior, help=f"image parametrisation: pixels, dip or inr (default {d.prior})")
-    p.add_argument("--fit-steps", type=int, default=d.fit_steps, help=f"steps fitting a dip/inr generator to the query first (default {d.fit_steps})")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the prior's)")
-    p.add_argument("--manifold", default=DEFAULT_MANIFOLD, help=f"manifold consistency: duq (DUQ kernel of the target class) or none (default {DEFAULT_MANIFOLD})")
-    p.add_argument("--duq", default=None, help="DUQ model directory (default: the shipped one for --data)")
-    p.add_argument("--bn-weight", type=float, default=d.lambda_bn, help=f"weight of the BatchNorm-statistics term (default {d.lambda_bn}; 0 for a model without BatchNorm)")
-    p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
-    p.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=d.progressive,
-                   help=f"raise the target probability through {', '.join(map(str, d.stages))} with warm starts (default {'on' if d.progressive else 'off'})")
-    p.add_argument("--devices", type=int, default=0, help="local devices to shard the batch over (default 0 = all)")
-    p.add_argument("--quiet", action="store_true")
-    add_shard_arguments(p, DEFAULT_SHARD_SIZE)
-
-
-def config_from_args(args) -> disc.DISCConfig:
-    """The DISCConfig the command line asks for (CfjaxError on a bad value)."""
-    if args.manifold not in MANIFOLDS:
-        raise CfjaxError(f"unknown --manifold {args.manifold!r}: choose one of {', '.join(MANIFOLDS)}")
-    if not isinstance(args.steps, int) or args.steps <= 0:
-        raise CfjaxError(f"--steps must be a positive integer, got {args.steps}")
-    try:
-        return disc.DISCConfig().replace(
-            steps=args.steps, prior=args.prior, fit_steps=args.fit_steps, lr=args.lr, lambda_bn=args.bn_weight,
-            bn_convention=args.bn_convention, progressive=args.progressive, seed=args.seed,
-            lambda_mc=disc.DISCConfig().lambda_mc if args.manifold == "duq" else 0.0,
-        )
-    except CfjaxError as e:
-        raise CfjaxError(str(e).replace("DISC weight lambda_bn", "--bn-weight").replace("DISC steps", "--steps")) from None
-
-
-def run(args) -> int:
-    from cfjax.pipelines.train_classifier import load_classifier
+def _load_models(queries: Queries, manifold: str, duq_dir, image_shape):
+    """(model_dir, apply_fn, variables, classifier config, duq pair or None, duq_dir)."""
+    from cfjax import model_dirs
     from cfjax.pretrained import default_model_dir
 
-    # Everything that can be checked is checked before any work; nothing is written on error.
-    config = config_from_args(args)
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if wants_shards(args):
-        return run_sharded(args, config)
-    check_writable(args.out)
-    if args.png:
-        check_picture(args.png, args.out)
-    if target_file(args.target) is None:
-        resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)  # the format; the range needs the model
-    queries = load_queries(args)  # first: an unknown dataset or a bad file is named as such
-    model_dir = resolve_model_dir(args, "classifier")
-    apply_fn, variables, cconfig, _ = load_classifier(model_dir)
+    model_dir = resolve_model_dir(queries, "classifier")
+    clf = model_dirs.load("classifier", model_dir)
     duq = None
-    if args.manifold == "duq":
-        duq_dir = args.duq or default_model_dir("duq", args.data)
+    if manifold == "duq":
+        duq_dir = duq_dir or default_model_dir("duq", queries.data)
         duq = duq_from_dir(duq_dir)
-    if queries.image_shape != tuple(cconfig.image_shape):
-        raise CfjaxError(f"--data {args.data} images are {queries.image_shape} but the model {model_dir} expects {tuple(cconfig.image_shape)}")
-    x = validate_images(queries.images, tuple(cconfig.image_shape), f"--data {args.data} images")
+    else:
+        duq_dir = None
+    if tuple(image_shape) != clf.image_shape:
+        raise CfjaxError(f"--data {queries.data} images are {tuple(image_shape)} but the model {model_dir} expects {clf.image_shape}")
+    return model_dir, clf.apply, clf.params, clf.config, duq, duq_dir
+
+
+def _targets(apply_fn, variables, x, target, num_classes: int, batch_size: int) -> np.ndarray:
+    """The (N,) target classes of queries x: per-query targets as given, or 'next'/K resolved
+    against the classifier's predictions."""
+    if isinstance(target, np.ndarray):
+        return validate_targets(target, num_classes, len(x))
+    y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, batch_size), -1).astype(np.int32)
+    return validate_targets(resolve_targets(target, y_pred, num_classes), num_classes, len(x))
+
+
+def explain(queries: Queries, output: Output, config: disc.DISCConfig = disc.DISCConfig(), *,
+            manifold: str = DEFAULT_MANIFOLD, duq_dir=None, batch_size: int = 256, devices: int | None = 0,
+            seed: int = 0, quiet: bool = False) -> int:
+    """Explain ``queries`` with the classifier they name (and DUQ for ``manifold="duq"``) and
+    write ``output``. Everything that can be checked is checked before any work; nothing is
+    written on error."""
+    if manifold not in MANIFOLDS:
+        raise CfjaxError(f"unknown manifold {manifold!r}: choose one of {', '.join(MANIFOLDS)}")
+    positive_int(batch_size, "batch_size")
+    settings = dict(manifold=manifold, duq_dir=duq_dir, batch_size=batch_size, devices=devices, seed=seed, quiet=quiet)
+    if wants_shards(output):
+        return _explain_sharded(queries, output, config, **settings)
+    check_writable(output.out)
+    if output.png:
+        check_picture(output.png, output.out)
+    check_target_spec(queries.target)  # the format; the range needs the model
+    queries_ds = load_queries(queries)  # first: an unknown dataset or a bad file is named as such
+    model_dir, apply_fn, variables, cconfig, duq, _ = _load_models(queries, manifold, duq_dir, queries_ds.image_shape)
+    x = validate_images(queries_ds.images, tuple(cconfig.image_shape), f"--data {queries.data} images")
     t0 = time.perf_counter()
-    target = targets_for(args.target, len(x), cconfig.num_classes)
-    y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, args.batch_size), -1).astype(np.int32)
-    targets = target if isinstance(target, np.ndarray) else resolve_targets(target, y_pred, cconfig.num_classes)
-    targets = validate_targets(targets, cconfig.num_classes, len(x))
-    res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=args.quiet, devices=args.devices)
+    target = targets_for(queries.target, len(x), cconfig.num_classes)
+    targets = _targets(apply_fn, variables, x, target, cconfig.num_classes, batch_size)
+    res = explain_arrays(apply_fn, variables, x, targets, config, duq, batch_size, seed, quiet=quiet, devices=devices)
     seconds = time.perf_counter() - t0
     traj = res.pop("trajectory")
     stage_success = res.pop("stage_success")
     extra = {"trajectory": traj, "stage_success": stage_success} if config.progressive else {}
     save_npz_atomic(
-        args.out, x=x, y=queries.labels, method=np.array("disc"), model=np.array(str(model_dir)),
+        output.out, x=x, y=queries_ds.labels, method=np.array("disc"), model=np.array(str(model_dir)),
         seconds=np.float32(seconds), **res, **extra,
     )
     flip = float(np.mean(res["y_cf_pred"] == res["y_target"]))
-    print(f"DISC ({config.prior}, manifold {args.manifold}, {'progressive' if config.progressive else 'one stage'}, {config.steps} steps): "
+    print(f"DISC ({config.prior}, manifold {manifold}, {'progressive' if config.progressive else 'one stage'}, {config.steps} steps): "
           f"{len(x)} counterfactuals in {seconds:.1f}s ({seconds / len(x):.2f} s each, compile included); "
-          f"flip rate {flip:.4f} -> {args.out}")
-    if args.png:
+          f"flip rate {flip:.4f} -> {output.out}")
+    if output.png:
         from cfjax.plotting import save_counterfactual_grid
 
         save_counterfactual_grid(
-            args.png, x, res["x_cf"], res["y_pred"], res["y_target"], res["y_cf_pred"],
+            output.png, x, res["x_cf"], res["y_pred"], res["y_target"], res["y_cf_pred"],
             p_pred=res["p_pred"], p_cf=res["p_cf"],
-            title=f"DISC on {queries.name}/{queries.split}: flip rate {flip:.1%}",
+            title=f"DISC on {queries_ds.name}/{queries_ds.split}: flip rate {flip:.1%}",
         )
-        print(f"grid -> {args.png}")
+        print(f"grid -> {output.png}")
     return 0
 
 
-def run_sharded(args, config: disc.DISCConfig) -> int:
-    """``--shards``: stream the split in shards of --shard-size queries into the directory --out.
+def _explain_sharded(queries: Queries, output: Output, config: disc.DISCConfig, *, manifold, duq_dir, batch_size,
+                     devices, seed, quiet) -> int:
+    """Stream the split in shards of ``output.shard_size`` queries into the directory ``output.out``.
 
-    A query's random key is fold_in(key(--seed), its index in the split), so its result does
-    not depend on the shard it falls in; the manifest pins --batch-size, --shard-size and
-    --devices, so a resumed run repeats the chunking of an uninterrupted one exactly.
+    A query's random key is fold_in(key(seed), its index in the split), so its result does not
+    depend on the shard it falls in; the manifest pins the batch size, shard size and devices,
+    so a resumed run repeats the chunking of an uninterrupted one exactly.
     """
     import dataclasses
 
     from cfjax.pipelines import shards as sh
-    from cfjax.pipelines.train_classifier import load_classifier
-    from cfjax.pretrained import default_model_dir
 
-    if args.png:
+    if output.png:
         raise CfjaxError("--png draws one grid from one CF.npz; with --shards, plot a shard instead")
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    pi, pc = process_layout(args)
-    if target_file(args.target) is None:
-        resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)
-    reader, n = open_queries(args)
-    model_dir = resolve_model_dir(args, "classifier")
-    apply_fn, variables, cconfig, _ = load_classifier(model_dir)
-    duq, duq_dir = None, None
-    if args.manifold == "duq":
-        duq_dir = args.duq or default_model_dir("duq", args.data)
-        duq = duq_from_dir(duq_dir)
-    if reader.image_shape != tuple(cconfig.image_shape):
-        raise CfjaxError(f"--data {args.data} images are {reader.image_shape} but the model {model_dir} expects {tuple(cconfig.image_shape)}")
-    target = targets_for(args.target, n, cconfig.num_classes)  # validates --target before any work
-    ndev = mesh_size(batch_mesh(args.devices))
+    pi, pc = process_layout(output)
+    check_target_spec(queries.target)
+    reader, n = open_queries(queries)
+    model_dir, apply_fn, variables, cconfig, duq, duq_dir = _load_models(queries, manifold, duq_dir, reader.image_shape)
+    target = targets_for(queries.target, n, cconfig.num_classes)  # validates the targets before any work
+    ndev = mesh_size(batch_mesh(devices))
     header = {
-        "method": "disc", "model": str(model_dir), "data": args.data, "split": args.split, "data_dir": args.data_dir,
-        "limit": str(args.limit), "target": target_header(args.target),
+        "method": "disc", "model": str(model_dir), "data": queries.data, "split": queries.split, "data_dir": queries.data_dir,
+        "limit": str(queries.limit), "target": target_header(queries.target),
         "settings": {"disc": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
-                     "manifold": args.manifold, "duq": None if duq_dir is None else str(duq_dir),
-                     "batch_size": args.batch_size, "devices": ndev, "seed": args.seed},
+                     "manifold": manifold, "duq": None if duq_dir is None else str(duq_dir),
+                     "batch_size": batch_size, "devices": ndev, "seed": seed},
     }
-    run = sh.open_run(args.out, header, n, args.shard_size, args.resume, pi, pc, log=print)
+    run = sh.open_run(output.out, header, n, output.shard_size, output.resume, pi, pc, log=print)
 
     def compute(start, stop, advance):
         x, y = reader.read(start, stop)
-        x = validate_images(x, tuple(cconfig.image_shape), f"--data {args.data} images")
-        y_pred = np.argmax(predict_proba_batched(apply_fn, variables, x, args.batch_size), -1).astype(np.int32)
-        t = target[start:stop] if isinstance(target, np.ndarray) else resolve_targets(target, y_pred, cconfig.num_classes)
-        targets = validate_targets(t, cconfig.num_classes, len(x))
-        res = explain_arrays(apply_fn, variables, x, targets, config, duq, args.batch_size, args.seed, quiet=True,
-                             devices=args.devices, index_offset=start, pad_batch=True, on_batch=advance)
+        x = validate_images(x, tuple(cconfig.image_shape), f"--data {queries.data} images")
+        t = target[start:stop] if isinstance(target, np.ndarray) else target
+        targets = _targets(apply_fn, variables, x, t, cconfig.num_classes, batch_size)
+        res = explain_arrays(apply_fn, variables, x, targets, config, duq, batch_size, seed, quiet=True,
+                             devices=devices, index_offset=start, pad_batch=True, on_batch=advance)
         traj, stage_success = res.pop("trajectory"), res.pop("stage_success")
         extra = {"trajectory": traj, "stage_success": stage_success} if config.progressive else {}
         return {"x": x, "y": y, "method": np.array("disc"), "model": np.array(str(model_dir)), **res, **extra}
@@ -273,5 +239,5 @@ def run_sharded(args, config: disc.DISCConfig) -> int:
     def summary(arrays):
         return {"flip_rate": round(float(np.mean(arrays["y_cf_pred"] == arrays["y_target"])), 6)}
 
-    sh.run_and_report(run, compute, "explain disc", args.quiet, summary, "flip_rate", args.out)
+    sh.run_and_report(run, compute, "explain disc", quiet, summary, "flip_rate", output.out)
     return 0

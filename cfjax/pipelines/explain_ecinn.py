@@ -1,12 +1,11 @@
-"""ECINN counterfactuals and ECINNh heatmaps for a dataset split.
+"""ECINN counterfactuals and ECINNh heatmaps for a dataset split (``cfjax explain ecinn``).
 
-    cfjax explain ecinn [--model DIR] --data mnist5k --split test --limit N --target next|K \
-        --out CF.npz [--png GRID.png] [--step paper|code|full] [--direction predicted_means|mu]
+:func:`explain_arrays` explains images in memory; :func:`explain` runs a whole
+:class:`~cfjax.pipelines.explain_common.Queries` into one CF.npz or a shard directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
 
@@ -14,38 +13,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfjax.data import validate_images, validate_targets
+from cfjax.validation import non_negative_int, positive_int, validate_images, validate_targets
 from cfjax.errors import CfjaxError
 from cfjax.methods import ecinn
 from cfjax.models import flow_classifier as fc
 from cfjax.pipelines.explain_common import (
-    add_explain_arguments,
-    add_shard_arguments,
+    Output,
+    Queries,
     check_picture,
     check_writable,
     load_queries,
-    resolve_model_dir,
-    target_file,
-    target_header,
-    targets_for,
     open_queries,
     process_layout,
+    resolve_model_dir,
     resolve_targets,
+    target_header,
+    targets_for,
     save_npz_atomic,
     wants_shards,
 )
 from cfjax.pipelines.progress import progress_bar
 from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_batch
 
-XLA_WORKLOAD = "ecinn"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu)
-
-
-DEFAULT_STEP = "code"    # the authors' rule; measured best with refinement on the IB-INN flow (README)
+# The defaults of the CLI and of cfjax.Explainer: the authors' code rule with 2 refinement
+# rounds (README compares the rules); the pure method's own defaults are the paper's.
+DEFAULT_STEP = "code"
 DEFAULT_REFINE = 2
+DEFAULT_DIRECTION = "predicted_means"
 
 
 @partial(jax.jit, static_argnames=("config", "step", "direction", "refine"))
-def _explain_batch(params, config, x, target_spec_next: bool, target_k, step="paper", direction="predicted_means", refine=0):
+def explain_batch(params, config, x, target_spec_next: bool, target_k, step, direction, refine):
+    """One compiled batch: x (B, H, W, C); the target is (y_pred + 1) mod C where
+    ``target_spec_next``, else ``target_k`` (B,). Returns the CF.npz arrays of the batch."""
     z, _ = fc.encode(params, config, x)
     probs = jax.nn.softmax(fc.latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
     y_pred = jnp.argmax(probs, -1)
@@ -66,7 +66,10 @@ def _explain_batch(params, config, x, target_spec_next: bool, target_k, step="pa
     }
 
 
-def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_STEP, direction="predicted_means", batch_size: int = 256, quiet: bool = True, refine: int = DEFAULT_REFINE, devices: int | None = 1,
+_explain_batch = explain_batch  # the name benchmarks/scaling.py compiles
+
+
+def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_STEP, direction=DEFAULT_DIRECTION, batch_size: int = 256, quiet: bool = True, refine: int = DEFAULT_REFINE, devices: int | None = 1,
                    pad_batch: bool = False, on_batch=None) -> dict:
     """Explain a batch of images (N, H, W, C) in [0, 1]; ``target`` is 'next', an int, or (N,) ints.
 
@@ -78,8 +81,10 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
     """
     x = validate_images(x, config.image_shape)
     n = len(x)
-    if batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
+    batch_size = positive_int(batch_size, "batch_size")
+    refine = non_negative_int(refine, "refine")
+    step = ecinn.parse_step(step)
+    ecinn.check_direction(direction)
     per_query = None
     if isinstance(target, str):
         resolve_targets(target, np.zeros(1, np.int32), config.num_classes)  # validates the spec
@@ -90,11 +95,6 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
     else:
         is_next, k = False, 0
         per_query = validate_targets(target, config.num_classes, n)
-    ecinn._step_fn(step)
-    if refine < 0:
-        raise CfjaxError(f"--refine must be >= 0, got {refine}")
-    if direction not in ecinn.DIRECTIONS:
-        raise CfjaxError(f"unknown --direction {direction!r}: choose one of {', '.join(ecinn.DIRECTIONS)}")
     mesh = batch_mesh(devices)
     bs = round_batch(batch_size if pad_batch else min(batch_size, n), mesh)
     params = replicate(params, mesh)
@@ -108,7 +108,7 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
             if m < bs:  # pad to the compiled (and evenly shardable) shape
                 xb = np.concatenate([xb, np.repeat(xb[-1:], bs - m, 0)])
                 tk = np.concatenate([tk, np.repeat(tk[-1:], bs - m, 0)])
-            out = _explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tk, mesh), step, direction, int(refine))
+            out = explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tk, mesh), step, direction, refine)
             outs.append({kk: np.asarray(v)[:m] for kk, v in out.items()})
             bar.update(i + m, phase="running")
             if on_batch is not None:
@@ -119,41 +119,6 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
     return res
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_explain_arguments(p)
-    p.add_argument("--step", default=DEFAULT_STEP, help=f"alpha as a function of the boundary step alpha0: paper (a0 + 0.8(1 - a0)), code (0.8 + 0.5 a0), short (a0 + 0.3(1 - a0)), full (1), boundary (a0), or a number (default {DEFAULT_STEP})")
-    p.add_argument("--refine", type=int, default=DEFAULT_REFINE, help=f"validity refinement rounds for counterfactuals that clipping to [0, 1] turned back (default {DEFAULT_REFINE}; 0 with --step paper is the paper's exact two-pass method)")
-    p.add_argument("--direction", default="predicted_means", choices=ecinn.DIRECTIONS,
-                   help="translation direction: predicted_means (m_q - m_p, mean latents of the training images predicted as each class; the paper, default) or mu (learned means)")
-    p.add_argument("--devices", type=int, default=0, help="local devices to shard the batch over (default 0 = all)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_shard_arguments(p, 1024)
-
-
-def _parse_step(s: str):
-    try:
-        return float(s)
-    except ValueError:
-        return s
-
-
-def _check_options(args) -> object:
-    """The settings that need no model, checked before any load; returns the parsed step."""
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.refine < 0:
-        raise CfjaxError(f"--refine must be >= 0, got {args.refine}")
-    step = _parse_step(args.step)
-    if isinstance(step, float) and not np.isfinite(step):
-        raise CfjaxError(f"--step must be a rule name or a finite number, got {args.step!r}")
-    ecinn._step_fn(step)
-    if args.direction not in ecinn.DIRECTIONS:
-        raise CfjaxError(f"unknown --direction {args.direction!r}: choose one of {', '.join(ecinn.DIRECTIONS)}")
-    if target_file(args.target) is None:
-        resolve_targets(args.target, np.zeros(1, np.int32), 1 << 30)  # the format; the range needs the model
-    return step
-
-
 def _validity_line(res: dict) -> tuple[float, str]:
     """Validity counts a counterfactual only when the target differs from the model's prediction."""
     same = res["y_pred"] == res["y_target"]
@@ -162,78 +127,88 @@ def _validity_line(res: dict) -> tuple[float, str]:
     return validity, note
 
 
-def run(args) -> int:
-    from cfjax.pipelines.train_flow import load_flow
-
-    if wants_shards(args):
-        return run_sharded(args)
-    check_writable(args.out)
-    if args.png:
-        check_picture(args.png, args.out)
-    step = _check_options(args)
-    queries = load_queries(args)  # first: an unknown dataset is named as such
-    model_dir = resolve_model_dir(args, "flow")
-    params, config, info = load_flow(model_dir)
-    if queries.image_shape != config.image_shape:
-        raise CfjaxError(f"--data {args.data} images are {queries.image_shape} but the model {model_dir} expects {config.image_shape}")
-    target = targets_for(args.target, len(queries), config.num_classes)
+def explain(queries: Queries, output: Output, *, step=DEFAULT_STEP, refine: int = DEFAULT_REFINE,
+            direction: str = DEFAULT_DIRECTION, batch_size: int = 256, devices: int | None = 0, seed: int = 0,
+            quiet: bool = False) -> int:
+    """Explain ``queries`` with the flow they name and write ``output`` (a CF.npz, optionally a
+    picture grid, or a shard directory). Every setting is checked before the model loads."""
+    ecinn.parse_step(step)
+    positive_int(batch_size, "batch_size")
+    non_negative_int(refine, "refine")
+    ecinn.check_direction(direction)
+    settings = dict(step=step, refine=refine, direction=direction, batch_size=batch_size, devices=devices, seed=seed, quiet=quiet)
+    if wants_shards(output):
+        return _explain_sharded(queries, output, **settings)
+    check_writable(output.out)
+    if output.png:
+        check_picture(output.png, output.out)
+    queries_ds = load_queries(queries)  # first: an unknown dataset is named as such
+    model_dir = resolve_model_dir(queries, "flow")
+    params, config = _load_flow(model_dir, queries_ds.image_shape, queries.data)
+    target = targets_for(queries.target, len(queries_ds), config.num_classes)
     t0 = time.perf_counter()
-    res = explain_arrays(params, config, queries.images, target, step, args.direction, args.batch_size, quiet=args.quiet, refine=args.refine, devices=args.devices)
+    res = explain_arrays(params, config, queries_ds.images, target, step, direction, batch_size, quiet=quiet, refine=refine, devices=devices)
     seconds = time.perf_counter() - t0
     save_npz_atomic(
-        args.out, x=queries.images, y=queries.labels, method=np.array("ecinn"), model=np.array(str(model_dir)),
+        output.out, x=queries_ds.images, y=queries_ds.labels, method=np.array("ecinn"), model=np.array(str(model_dir)),
         seconds=np.float32(seconds), **res,
     )
     validity, note = _validity_line(res)
-    print(f"ECINN: {len(queries)} counterfactuals in {seconds:.2f}s ({1000 * seconds / len(queries):.2f} ms each, compile included); "
-          f"validity {validity:.4f}{note} -> {args.out}")
-    if args.png:
+    print(f"ECINN: {len(queries_ds)} counterfactuals in {seconds:.2f}s ({1000 * seconds / len(queries_ds):.2f} ms each, compile included); "
+          f"validity {validity:.4f}{note} -> {output.out}")
+    if output.png:
         from cfjax.plotting import save_counterfactual_grid
 
         save_counterfactual_grid(
-            args.png, queries.images, res["x_cf"], res["y_pred"], res["y_target"], res["y_cf_pred"],
+            output.png, queries_ds.images, res["x_cf"], res["y_pred"], res["y_target"], res["y_cf_pred"],
             heatmap=res["heatmap"], p_pred=res["p_pred"], p_cf=res["p_cf"],
-            title=f"ECINN on {queries.name}/{queries.split}: validity {validity:.1%}",
+            title=f"ECINN on {queries_ds.name}/{queries_ds.split}: validity {validity:.1%}",
         )
-        print(f"grid -> {args.png}")
+        print(f"grid -> {output.png}")
     return 0
+
+
+def _load_flow(model_dir, image_shape, data: str):
+    """(params, config) of the flow in ``model_dir``, which must take images of ``image_shape``."""
+    from cfjax import model_dirs
+
+    m = model_dirs.load("flow", model_dir)
+    if tuple(image_shape) != m.config.image_shape:
+        raise CfjaxError(f"--data {data} images are {tuple(image_shape)} but the model {model_dir} expects {m.config.image_shape}")
+    return m.params, m.config
 
 
 def _validity(arrays: dict) -> dict:
     return {"validity": round(float(np.mean(arrays["y_cf_pred"] == arrays["y_target"])), 6)}
 
 
-def run_sharded(args) -> int:
-    """``--shards``: stream the split in shards of --shard-size queries into the directory --out."""
+def _explain_sharded(queries: Queries, output: Output, *, step, refine, direction, batch_size, devices, seed, quiet) -> int:
+    """Stream the split in shards of ``output.shard_size`` queries into the directory ``output.out``."""
     from cfjax.pipelines import shards as sh
-    from cfjax.pipelines.sharding import batch_mesh, mesh_size
-    from cfjax.pipelines.train_flow import load_flow
+    from cfjax.pipelines.sharding import mesh_size
 
-    if args.png:
+    if output.png:
         raise CfjaxError("--png draws one grid from one CF.npz; with --shards, plot a shard instead")
-    step = _check_options(args)
-    pi, pc = process_layout(args)
-    reader, n = open_queries(args)
-    model_dir = resolve_model_dir(args, "flow")
-    params, config, info = load_flow(model_dir)
-    if reader.image_shape != config.image_shape:
-        raise CfjaxError(f"--data {args.data} images are {reader.image_shape} but the model {model_dir} expects {config.image_shape}")
-    target = targets_for(args.target, n, config.num_classes)  # validates --target before any work
-    ndev = mesh_size(batch_mesh(args.devices))
+    pi, pc = process_layout(output)
+    reader, n = open_queries(queries)
+    model_dir = resolve_model_dir(queries, "flow")
+    params, config = _load_flow(model_dir, reader.image_shape, queries.data)
+    target = targets_for(queries.target, n, config.num_classes)  # validates the targets before any work
+    ndev = mesh_size(batch_mesh(devices))
     header = {
-        "method": "ecinn", "model": str(model_dir), "data": args.data, "split": args.split, "data_dir": args.data_dir,
-        "limit": str(args.limit), "target": target_header(args.target),
-        "settings": {"step": args.step, "refine": args.refine, "direction": args.direction,
-                     "batch_size": args.batch_size, "devices": ndev, "seed": args.seed},
+        "method": "ecinn", "model": str(model_dir), "data": queries.data, "split": queries.split, "data_dir": queries.data_dir,
+        "limit": str(queries.limit), "target": target_header(queries.target),
+        "settings": {"step": step, "refine": refine, "direction": direction,
+                     "batch_size": batch_size, "devices": ndev, "seed": seed},
     }
-    run = sh.open_run(args.out, header, n, args.shard_size, args.resume, pi, pc, log=print)
+    run = sh.open_run(output.out, header, n, output.shard_size, output.resume, pi, pc, log=print)
 
     def compute(start, stop, advance):
         x, y = reader.read(start, stop)
         t = target[start:stop] if isinstance(target, np.ndarray) else target
-        res = explain_arrays(params, config, x, t, step, args.direction, args.batch_size, quiet=True,
-                             refine=args.refine, devices=args.devices, pad_batch=True, on_batch=advance)
+        res = explain_arrays(params, config, x, t, step, direction, batch_size, quiet=True,
+                             refine=refine, devices=devices, pad_batch=True, on_batch=advance)
         return {"x": x, "y": y, "method": np.array("ecinn"), "model": np.array(str(model_dir)), **res}
 
-    sh.run_and_report(run, compute, "explain ecinn", args.quiet, _validity, "validity", args.out)
+    sh.run_and_report(run, compute, "explain ecinn", quiet, _validity, "validity", output.out)
     return 0

@@ -12,7 +12,7 @@ inference-only copy (``params`` + ``batch_stats``, no optimizer state): what shi
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
 from functools import partial
 from pathlib import Path
@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import optax
 
 from cfjax import checkpoint as ckpt
+from cfjax import model_dirs
 from cfjax.data import Dataset, load_dataset
-from cfjax.errors import CfjaxError
 from cfjax.models.classifier import (
     ClassifierConfig,
     classifier_apply,
     classifier_train_apply,
     init_classifier,
 )
-from cfjax.pipelines.training import TrainSpec, fit, random_shift
+from cfjax.pipelines.training import TrainingRecipe, TrainSpec, fit, random_shift
+from cfjax.validation import non_negative_float, non_negative_int, positive_float
 
 KIND = "classifier"
 VARIABLE_KEYS = ("params", "batch_stats")
@@ -73,16 +74,13 @@ def build_spec(
     total_steps: int,
     seed: int,
     *,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 5e-4,  # = ClassifierTraining.weight_decay
     augment_shift: int = 2,
 ) -> TrainSpec:
     """The TrainSpec for :func:`cfjax.pipelines.training.fit` (cross-entropy, AdamW, shifts)."""
-    if not lr > 0:
-        raise CfjaxError(f"--lr must be positive, got {lr}")
-    if weight_decay < 0:
-        raise CfjaxError(f"--weight-decay must be >= 0, got {weight_decay}")
-    if augment_shift < 0:
-        raise CfjaxError(f"--augment-shift must be >= 0, got {augment_shift}")
+    positive_float(lr, "lr")
+    non_negative_float(weight_decay, "weight_decay")
+    non_negative_int(augment_shift, "augment_shift")
     opt = make_optimizer(lr, total_steps, weight_decay)
     train_apply = classifier_train_apply(config)
 
@@ -119,91 +117,43 @@ def build_spec(
     )
 
 
-def _abstract_state(config: ClassifierConfig, inference_only: bool) -> dict:
-    variables = jax.eval_shape(lambda k: init_classifier(k, config), jax.random.PRNGKey(0))
-    if inference_only:
-        return variables
-    opt_t = jax.eval_shape(make_optimizer(1e-3, 10).init, variables["params"])
-    return {**variables, "opt_state": opt_t}
-
-
 def load_classifier(model_dir: str | Path):
-    """Load a trained classifier: ``(apply_fn, variables, config, info)``.
-
-    ``apply_fn(variables, x (B, H, W, C), train=False) -> logits (B, C)``. A missing, foreign
-    (another kind), unfinished or corrupt directory raises CheckpointError.
-    """
-    info = ckpt.read_model_info(model_dir, expected_kind=KIND)
-    try:
-        config = ClassifierConfig.from_dict(info["config"])
-    except CfjaxError as e:
-        raise ckpt.CheckpointError(f"{model_dir}: {e}") from e
-    if info.get("status") != "complete":
-        raise ckpt.CheckpointError(
-            f"{model_dir} holds an unfinished training run (status {info.get('status')!r}); finish it with --resume"
-        )
-    target = _abstract_state(config, bool(info.get("inference_only")))
-    state, _, _ = ckpt.load_checkpoint(model_dir, target)
-    return classifier_apply(config), variables_of(state), config, info
+    """``(apply_fn, variables, config, info)`` of a classifier directory: :func:`cfjax.model_dirs.load`
+    in the tuple shape callers of this name expect; ``apply_fn(variables, x, train=False) -> logits``."""
+    m = model_dirs.load(KIND, model_dir)
+    return classifier_apply(m.config), m.params, m.config, m.info
 
 
 def export_inference_model(src: str | Path, dst: str | Path) -> Path:
     """Copy a trained classifier's variables (no optimizer state) into a new model directory."""
-    _, variables, config, info = load_classifier(src)
-    return ckpt.export_inference_model(src, dst, KIND, config.to_dict(), variables, info)
+    return model_dirs.export(src, dst, KIND)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cfjax.pipelines.explain_common import add_data_arguments
-
-    add_data_arguments(p)
-    p.add_argument("--out", required=True, help="model directory to write (refuses to overwrite; see --resume)")
-    p.add_argument("--arch", default="cnn", help="cnn (BatchNorm CNN, default), resnet (BatchNorm ResNet) or mlp (no BatchNorm)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer (cnn, resnet)")
-    p.add_argument("--hidden", type=int, default=128, help="dense width (cnn head, mlp layers)")
-    p.add_argument("--depth", type=int, default=2, help="blocks per stage (resnet) / hidden layers (mlp)")
-    p.add_argument("--augment-shift", type=int, default=2, help="random shifts of up to this many pixels (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--export", default=None, help="also write an inference-only copy (no optimizer state) here")
-    p.add_argument("--quiet", action="store_true")
+# The defaults of ``cfjax train classifier``.
+DEFAULT_TRAINING = TrainingRecipe(epochs=15, batch_size=64, lr=2e-3, weight_decay=5e-4, augment_shift=2)
 
 
-def config_from_args(args, image_shape, num_classes) -> ClassifierConfig:
-    return ClassifierConfig(
-        arch=args.arch, num_classes=num_classes, image_shape=tuple(image_shape),
-        width=args.width, hidden=args.hidden, depth=args.depth,
-    )
-
-
-def run(args) -> int:
-    # Check every option before loading data or touching --out.
-    config_from_args(args, (28, 28, 1), 10)
-    if args.epochs <= 0:
-        raise CfjaxError(f"--epochs must be positive, got {args.epochs}")
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.export:
-        ckpt.check_export_target(args.export)
-    train = load_dataset(args.data, "train", args.data_dir)
-    test = load_dataset(args.data, "test", args.data_dir)
-    config = config_from_args(args, train.image_shape, train.num_classes)
-    steps = args.epochs * (len(train) // args.batch_size)
-    spec = build_spec(config, args.lr, steps, args.seed, weight_decay=args.weight_decay, augment_shift=args.augment_shift)
+def train(config: ClassifierConfig, training: TrainingRecipe = DEFAULT_TRAINING, *, out, data: str = "mnist5k",
+          data_dir=None, resume: bool = False, export=None, quiet: bool = False) -> dict:
+    """Train (or continue) a classifier of ``config`` (its image shape and classes are taken from
+    ``data``) into the model directory ``out``; ``export`` also writes an inference-only copy."""
+    if export:
+        ckpt.check_export_target(export)
+    train_ds = load_dataset(data, "train", data_dir)
+    test = load_dataset(data, "test", data_dir)
+    config = dataclasses.replace(config, image_shape=tuple(train_ds.image_shape), num_classes=train_ds.num_classes)
+    steps = training.epochs * (len(train_ds) // training.batch_size)
+    spec = build_spec(config, training.lr, steps, training.seed, weight_decay=training.weight_decay,
+                      augment_shift=training.augment_shift)
     t0 = time.perf_counter()
     _, metrics = fit(
-        spec, train, test, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        resume=args.resume, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+        spec, train_ds, test, out, epochs=training.epochs, batch_size=training.batch_size, seed=training.seed,
+        resume=resume, checkpoint_every=training.checkpoint_every, quiet=quiet,
     )
     print(
         f"{config.arch} classifier trained in {time.perf_counter() - t0:.0f}s: "
-        f"test accuracy {metrics['test_accuracy']:.4f} -> {args.out}"
+        f"test accuracy {metrics['test_accuracy']:.4f} -> {out}"
     )
-    if args.export:
-        print(f"exported inference-only model -> {export_inference_model(args.out, args.export)}")
-    return 0
+    if export:
+        print(f"exported inference-only model -> {export_inference_model(out, export)}")
+    return metrics

@@ -17,9 +17,10 @@ centroids take one EMA step with the new weights. The state is ``{'params', 'cen
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,11 +30,13 @@ import numpy as np
 import optax
 
 from cfjax import checkpoint as ckpt
+from cfjax import model_dirs
 from cfjax.data import Dataset, load_dataset
 from cfjax.errors import CfjaxError
 from cfjax.models.duq import DUQConfig, duq_kernel, duq_loss, init_duq, update_centroids
-from cfjax.pipelines.training import random_shift
-from cfjax.pipelines.training import TrainSpec, fit
+from cfjax.pipelines.synthesize import InversionConfig
+from cfjax.pipelines.training import TrainingRecipe, TrainSpec, fit, random_shift
+from cfjax.validation import non_negative_float, non_negative_int, positive_float, positive_int
 
 KIND = "duq"
 SOURCES = ("data", "inversion")
@@ -92,12 +95,9 @@ def build_spec(
     info: dict | None = None,
 ) -> TrainSpec:
     """The TrainSpec for :func:`cfjax.pipelines.training.fit`."""
-    if not lr > 0:
-        raise CfjaxError(f"--lr must be positive, got {lr}")
-    if weight_decay < 0:
-        raise CfjaxError(f"--weight-decay must be >= 0, got {weight_decay}")
-    if augment_shift < 0:
-        raise CfjaxError(f"--augment-shift must be >= 0, got {augment_shift}")
+    positive_float(lr, "lr")
+    non_negative_float(weight_decay, "weight_decay")
+    non_negative_int(augment_shift, "augment_shift")
     opt = make_optimizer(lr, total_steps, weight_decay)
 
     def init_state():
@@ -130,61 +130,61 @@ def build_spec(
     )
 
 
-def _abstract_state(config: DUQConfig, inference_only: bool) -> dict:
-    variables = jax.eval_shape(lambda k: init_duq(k, config), jax.random.PRNGKey(0))
-    if inference_only:
-        return variables
-    return {**variables, "opt_state": jax.eval_shape(make_optimizer(1e-3, 10).init, variables["params"])}
-
-
 def load_duq(model_dir: str | Path) -> tuple[dict, DUQConfig, dict]:
-    """Load a trained DUQ model: ``(variables, config, info)``; ``duq_kernel(variables, config, x)``.
-
-    A missing, foreign (another kind), unfinished or corrupt directory raises CheckpointError.
-    """
-    info = ckpt.read_model_info(model_dir, expected_kind=KIND)
-    try:
-        config = DUQConfig.from_dict(info["config"])
-    except CfjaxError as e:
-        raise ckpt.CheckpointError(f"{model_dir}: {e}") from e
-    if info.get("status") != "complete":
-        raise ckpt.CheckpointError(
-            f"{model_dir} holds an unfinished training run (status {info.get('status')!r}); finish it with --resume"
-        )
-    state, _, _ = ckpt.load_checkpoint(model_dir, _abstract_state(config, bool(info.get("inference_only"))))
-    return variables_of(state), config, info
+    """``(variables, config, info)`` of a DUQ directory (:func:`cfjax.model_dirs.load` in the tuple
+    shape callers of this name expect); ``duq_kernel(variables, config, x)``."""
+    m = model_dirs.load(KIND, model_dir)
+    return m.params, m.config, m.info
 
 
 def export_inference_model(src: str | Path, dst: str | Path) -> Path:
     """Copy a trained DUQ model's variables (no optimizer state) into a new model directory."""
-    variables, config, info = load_duq(src)
-    return ckpt.export_inference_model(src, dst, KIND, config.to_dict(), variables, info)
+    return model_dirs.export(src, dst, KIND)
 
 
-def synthetic_training_set(args, image_shape, num_classes) -> tuple[Dataset, dict]:
-    """DeepInversion images from the classifier, labelled by it (``--source inversion``)."""
+# The defaults of ``cfjax train duq``.
+DEFAULT_TRAINING = TrainingRecipe(epochs=20, batch_size=64, lr=1e-3, weight_decay=1e-4, augment_shift=0)
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """``source="inversion"``: how many images DeepInversion synthesises from which classifier
+    (None: the shipped one for the dataset), in batches of ``batch_size``, with ``inversion``."""
+
+    images: int = 2000
+    batch_size: int = 200
+    classifier: str | None = None
+    inversion: InversionConfig = InversionConfig()
+
+    def __post_init__(self):
+        positive_int(self.images, "images")
+        positive_int(self.batch_size, "batch_size")
+
+
+def synthetic_training_set(out, data: str, image_shape, num_classes: int, synthesis: Synthesis, *, resume: bool,
+                           seed: int, quiet: bool) -> tuple[Dataset, dict]:
+    """DeepInversion images from the classifier, labelled by it (``source="inversion"``)."""
     from cfjax.pipelines.explain_common import save_npz_atomic
-    from cfjax.pipelines.synthesize import InversionConfig, synthesize
-    from cfjax.pipelines.train_classifier import load_classifier
+    from cfjax.pipelines.synthesize import synthesize
     from cfjax.pretrained import default_model_dir
 
-    cache = Path(args.out) / SYNTH_FILE
-    if args.resume and cache.exists():  # the images of the interrupted run (synthesis is the slow part)
+    cache = Path(out) / SYNTH_FILE
+    if resume and cache.exists():  # the images of the interrupted run (synthesis is the slow part)
         with np.load(cache, allow_pickle=False) as d:
             summary = json.loads(str(d["summary"]))
-            return Dataset(f"{args.data}-inversion", "train", d["images"], d["labels"], num_classes), summary
-    clf_dir = Path(args.classifier) if args.classifier else default_model_dir("classifier", args.data)
-    apply_fn, variables, clf_config, _ = load_classifier(clf_dir)
-    if tuple(clf_config.image_shape) != tuple(image_shape) or clf_config.num_classes != num_classes:
+            return Dataset(f"{data}-inversion", "train", d["images"], d["labels"], num_classes), summary
+    clf_dir = Path(synthesis.classifier) if synthesis.classifier else default_model_dir("classifier", data)
+    clf = model_dirs.load("classifier", clf_dir)
+    if clf.image_shape != tuple(image_shape) or clf.num_classes != num_classes:
         raise CfjaxError(
-            f"--classifier {clf_dir} takes {clf_config.image_shape} images with {clf_config.num_classes} classes, "
-            f"but --data {args.data} has {tuple(image_shape)} with {num_classes}"
+            f"--classifier {clf_dir} takes {clf.image_shape} images with {clf.num_classes} classes, "
+            f"but --data {data} has {tuple(image_shape)} with {num_classes}"
         )
-    inv = InversionConfig(steps=args.synth_steps, lr=args.synth_lr, bn_weight=args.synth_bn_weight, tv_weight=args.synth_tv_weight)
+    inv = synthesis.inversion
     t0 = time.perf_counter()
     images, targets, labels, summary = synthesize(
-        apply_fn, variables, image_shape, num_classes, args.synth_images,
-        batch_size=args.synth_batch_size, cfg=inv, seed=args.seed, quiet=args.quiet,
+        clf.apply, clf.params, image_shape, num_classes, synthesis.images,
+        batch_size=synthesis.batch_size, cfg=inv, seed=seed, quiet=quiet,
     )
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["classifier"] = str(clf_dir)
@@ -193,85 +193,49 @@ def synthetic_training_set(args, image_shape, num_classes) -> tuple[Dataset, dic
     summary["class_counts"] = np.bincount(labels, minlength=num_classes).tolist()
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_npz_atomic(cache, images=images, labels=labels, targets=targets, summary=json.dumps(summary))
-    return Dataset(f"{args.data}-inversion", "train", images, labels, num_classes), summary
+    return Dataset(f"{data}-inversion", "train", images, labels, num_classes), summary
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cfjax.pipelines.explain_common import add_data_arguments
-
-    add_data_arguments(p)
-    p.add_argument("--out", required=True, help="model directory to write (refuses to overwrite; see --resume)")
-    p.add_argument("--source", default="data", help="data (train on the training images, default) or inversion (data-free)")
-    p.add_argument("--classifier", default=None, help="--source inversion: classifier directory (default: the shipped one)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--feature-dim", type=int, default=128)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--sigma", type=float, default=0.1, help="kernel length scale (default 0.1)")
-    p.add_argument("--gamma", type=float, default=0.999, help="centroid EMA decay (default 0.999)")
-    p.add_argument("--lambda-gp", type=float, default=0.75, help="gradient-penalty weight (default 0.75)")
-    p.add_argument("--augment-shift", type=int, default=0, help="random shifts of up to this many pixels (0: none)")
-    p.add_argument("--synth-images", type=int, default=2000, help="--source inversion: images to synthesise")
-    p.add_argument("--synth-batch-size", type=int, default=200)
-    p.add_argument("--synth-steps", type=int, default=100, help="Adam steps per synthetic batch")
-    p.add_argument("--synth-lr", type=float, default=0.2)
-    p.add_argument("--synth-bn-weight", type=float, default=1.0)
-    p.add_argument("--synth-tv-weight", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--export", default=None, help="also write an inference-only copy (no optimizer state) here")
-    p.add_argument("--quiet", action="store_true")
-
-
-def config_from_args(args, image_shape, num_classes) -> DUQConfig:
-    return DUQConfig(
-        num_classes=num_classes, image_shape=tuple(image_shape), width=args.width, feature_dim=args.feature_dim,
-        embed_dim=args.embed_dim, sigma=args.sigma, gamma=args.gamma, lambda_gp=args.lambda_gp,
-    )
-
-
-def run(args) -> int:
-    if args.source not in SOURCES:
-        raise CfjaxError(f"unknown --source {args.source!r}: choose data or inversion")
-    if args.source == "data" and args.classifier:
-        raise CfjaxError("--classifier is only used with --source inversion")
-    config_from_args(args, (28, 28, 1), 10)  # check the options before any work
-    if args.epochs <= 0:
-        raise CfjaxError(f"--epochs must be positive, got {args.epochs}")
-    if args.batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.export:
-        ckpt.check_export_target(args.export)
+def train(config: DUQConfig, training: TrainingRecipe = DEFAULT_TRAINING, *, out, data: str = "mnist5k", data_dir=None,
+          source: str = "data", synthesis: Synthesis = Synthesis(), resume: bool = False, export=None,
+          quiet: bool = False) -> dict:
+    """Train (or continue) DUQ of ``config`` (image shape and classes from ``data``) into ``out``:
+    on the training images (``source="data"``) or data-free on images synthesised by
+    ``synthesis`` (``source="inversion"``); always evaluated on the real test split."""
     from cfjax.pipelines.training import check_out_dir
 
-    check_out_dir(Path(args.out), args.resume)  # before a long synthesis
-    test = load_dataset(args.data, "test", args.data_dir)
-    info = {"source": args.source}
-    if args.source == "data":
-        train = load_dataset(args.data, "train", args.data_dir)
+    if source not in SOURCES:
+        raise CfjaxError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}", argument="source")
+    if source == "data" and synthesis.classifier:
+        raise CfjaxError("a classifier is only used with source 'inversion'", argument="classifier")
+    if export:
+        ckpt.check_export_target(export)
+    check_out_dir(Path(out), resume)  # before a long synthesis
+    test = load_dataset(data, "test", data_dir)
+    info = {"source": source}
+    if source == "data":
+        train_ds = load_dataset(data, "train", data_dir)
     else:
-        train, synth = synthetic_training_set(args, test.image_shape, test.num_classes)
+        train_ds, synth = synthetic_training_set(out, data, test.image_shape, test.num_classes, synthesis,
+                                                 resume=resume, seed=training.seed, quiet=quiet)
         info["synthesis"] = synth
         print(
-            f"synthesised {len(train)} images in {synth['seconds']:.0f}s "
+            f"synthesised {len(train_ds)} images in {synth['seconds']:.0f}s "
             f"(classifier agrees with the target class on {synth['target_agreement']:.1%})"
         )
-    config = config_from_args(args, test.image_shape, test.num_classes)
-    steps = args.epochs * (len(train) // args.batch_size)
-    spec = build_spec(config, args.lr, steps, args.seed, weight_decay=args.weight_decay, augment_shift=args.augment_shift, info=info)
+    config = dataclasses.replace(config, image_shape=tuple(test.image_shape), num_classes=test.num_classes)
+    steps = training.epochs * (len(train_ds) // training.batch_size)
+    spec = build_spec(config, training.lr, steps, training.seed, weight_decay=training.weight_decay,
+                      augment_shift=training.augment_shift, info=info)
     t0 = time.perf_counter()
     _, metrics = fit(
-        spec, train, test, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        resume=args.resume, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+        spec, train_ds, test, out, epochs=training.epochs, batch_size=training.batch_size, seed=training.seed,
+        resume=resume, checkpoint_every=training.checkpoint_every, quiet=quiet,
     )
     print(
-        f"DUQ ({args.source}) trained in {time.perf_counter() - t0:.0f}s: test accuracy {metrics['test_accuracy']:.4f}, "
-        f"certainty test {metrics['test_certainty']:.3f} / noise {metrics['noise_certainty']:.3f} -> {args.out}"
+        f"DUQ ({source}) trained in {time.perf_counter() - t0:.0f}s: test accuracy {metrics['test_accuracy']:.4f}, "
+        f"certainty test {metrics['test_certainty']:.3f} / noise {metrics['noise_certainty']:.3f} -> {out}"
     )
-    if args.export:
-        print(f"exported inference-only model -> {export_inference_model(args.out, args.export)}")
-    return 0
+    if export:
+        print(f"exported inference-only model -> {export_inference_model(out, export)}")
+    return metrics

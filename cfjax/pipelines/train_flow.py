@@ -9,8 +9,9 @@ also writes an inference-only copy (parameters, no optimizer state) for shipping
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from cfjax import checkpoint as ckpt
+from cfjax import model_dirs
 from cfjax.data import Dataset, load_dataset
 from cfjax.errors import CfjaxError
 from cfjax.methods.ecinn import class_mean_sums
@@ -28,9 +30,8 @@ from cfjax.models import latent as latent_lib
 from cfjax.models.glow import GlowConfig
 from cfjax.models.ibinn import IBINNConfig
 from cfjax.models.latent import LatentConfig
-from cfjax.pipelines.training import TrainSpec, fit, random_shift
-
-XLA_WORKLOAD = "train_flow"  # XLA:CPU flags the cli applies for this command (cfjax.xla_cpu)
+from cfjax.pipelines.training import CHECKPOINT_EVERY, TrainSpec, check_out_dir, fit, random_shift
+from cfjax.validation import non_negative_float, non_negative_int, positive_float, positive_int
 
 KIND = "flow"
 
@@ -100,33 +101,87 @@ ARCHS = tuple(RECIPES)
 IBINN_SMALL_BLOCKS = 8  # blocks per resolution of --arch ibinn-small (the full network has 24)
 
 
-def apply_recipe(args) -> None:
-    """Fill each training option the user left unset (None) from the architecture's recipe."""
-    recipe = RECIPES[args.arch]
-    for k, v in recipe.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+@dataclass(frozen=True)
+class FlowArchitecture:
+    """The flow ``cfjax train flow`` builds: a named preset over the model configs.
+
+    ``arch``: "glow" (GlowConfig with ``levels``, ``steps_per_level``, ``hidden`` channels at
+    level 0 doubling per level, ``downsample``, ``split_levels``) or "ibinn" / "ibinn-small"
+    (IBINNConfig with ``blocks`` per resolution, None: 24 / 8, ``dense``, ``batchnorm``,
+    ``mixing``). ``hidden`` defaults to 32, the shipped Glow flow's width (GlowConfig's own
+    default is 64); every other default is the model config's.
+    """
+
+    arch: str = "glow"
+    levels: int = GlowConfig.num_levels
+    steps_per_level: int = GlowConfig.steps_per_level
+    hidden: int = 32
+    downsample: str = GlowConfig.downsample
+    split_levels: bool = GlowConfig.split
+    blocks: int | None = None
+    dense: bool = IBINNConfig.dense
+    batchnorm: bool = IBINNConfig.batchnorm
+    mixing: str = IBINNConfig.mixing
+    noise_sigma: float = fc.FlowClassifierConfig.noise_sigma
+    preprocess: str = fc.FlowClassifierConfig.preprocess
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise CfjaxError(f"unknown flow architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        non_negative_float(self.noise_sigma, "noise_sigma")
 
 
-def flow_config_from_args(args, image_shape, num_classes) -> fc.FlowClassifierConfig:
-    apply_recipe(args)
-    latent = LatentConfig(num_classes=num_classes, beta=args.beta, label_smoothing=args.label_smoothing,
-                          train_prior=bool(args.train_prior))
-    if args.arch == "glow":
+@dataclass(frozen=True)
+class FlowTraining:
+    """How ``cfjax train flow`` optimises: None fields take the architecture's :data:`RECIPES`
+    entry (:meth:`resolved`). ``steps`` (total optimizer steps) overrides ``epochs``."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    beta: float | None = None
+    label_smoothing: float | None = None
+    train_prior: bool | None = None
+    mean_lr_factor: float | None = None
+    clip: float | None = None
+    augment_shift: int = 0
+    seed: int = 0
+    checkpoint_every: int = CHECKPOINT_EVERY
+
+    def resolved(self, arch: str) -> "FlowTraining":
+        """This recipe with every unset field filled from ``RECIPES[arch]``, checked."""
+        filled = dataclasses.replace(self, **{k: v for k, v in RECIPES[arch].items() if getattr(self, k) is None})
+        for name in ("epochs", "steps", "batch_size", "checkpoint_every"):
+            if getattr(filled, name) is not None:
+                positive_int(getattr(filled, name), name)
+        positive_float(filled.lr, "lr")
+        positive_float(filled.beta, "beta")
+        non_negative_float(filled.label_smoothing, "label_smoothing")
+        non_negative_int(filled.augment_shift, "augment_shift")
+        return filled
+
+
+def flow_config(arch: FlowArchitecture, training: FlowTraining, image_shape, num_classes: int) -> fc.FlowClassifierConfig:
+    """The FlowClassifierConfig of ``arch`` trained with the resolved recipe ``training``."""
+    latent = LatentConfig(num_classes=num_classes, beta=training.beta, label_smoothing=training.label_smoothing,
+                          train_prior=bool(training.train_prior))
+    if arch.arch == "glow":
         flow = GlowConfig(
             image_shape=tuple(image_shape),
-            num_levels=args.levels,
-            steps_per_level=args.steps_per_level,
-            hidden_channels=args.hidden,
-            max_hidden_channels=max(args.hidden, 2 * args.hidden),
-            downsample=args.downsample,
-            split=args.split_levels,
+            num_levels=arch.levels,
+            steps_per_level=arch.steps_per_level,
+            hidden_channels=arch.hidden,
+            max_hidden_channels=max(arch.hidden, 2 * arch.hidden),
+            downsample=arch.downsample,
+            split=arch.split_levels,
         )
     else:
-        n = args.blocks if args.blocks is not None else (24 if args.arch == "ibinn" else IBINN_SMALL_BLOCKS)
-        flow = IBINNConfig(image_shape=tuple(image_shape), blocks_high=n, blocks_low=n, dense=not args.no_dense,
-                           batchnorm=not args.no_batchnorm, mixing=args.mixing)
-    return fc.FlowClassifierConfig(glow=flow, latent=latent, noise_sigma=args.noise_sigma, preprocess=args.preprocess)
+        n = arch.blocks if arch.blocks is not None else (IBINNConfig.blocks_high if arch.arch == "ibinn" else IBINN_SMALL_BLOCKS)
+        flow = IBINNConfig(image_shape=tuple(image_shape), blocks_high=n, blocks_low=n, dense=arch.dense,
+                           batchnorm=arch.batchnorm, mixing=arch.mixing)
+    return fc.FlowClassifierConfig(glow=flow, latent=latent, noise_sigma=arch.noise_sigma, preprocess=arch.preprocess)
 
 
 def _init_batch(images: np.ndarray, n: int = 256, seed: int = 0) -> np.ndarray:
@@ -173,8 +228,7 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
     """The TrainSpec for :func:`cfjax.pipelines.training.fit`: IB-INN loss, the chosen optimizer
     (see :func:`make_optimizer`), optional random shifts of up to ``augment_shift`` pixels (zero
     fill) before dequantisation."""
-    if augment_shift < 0:
-        raise CfjaxError(f"--augment-shift must be >= 0, got {augment_shift}")
+    non_negative_int(augment_shift, "augment_shift")
     opt = make_optimizer(lr, total_steps, mean_lr_factor=mean_lr_factor, clip=clip, optimizer=optimizer)
 
     def init_state():
@@ -213,122 +267,51 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
     )
 
 
-def abstract_params(config: fc.FlowClassifierConfig):
-    """Shapes and dtypes of the parameters (the Glow init draws with NumPy, so it runs concretely)."""
-    x = jax.random.uniform(jax.random.PRNGKey(0), (2, *config.image_shape))
-    params = fc.init_flow_classifier(jax.random.PRNGKey(0), config, x)
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-
-
 def load_flow(model_dir: str | Path) -> tuple[dict, fc.FlowClassifierConfig, dict]:
-    """Load a trained flow classifier: (params, config, info). CheckpointError on any problem."""
-    info = ckpt.read_model_info(model_dir, expected_kind=KIND)
-    try:
-        config = fc.FlowClassifierConfig.from_dict(info["config"])
-    except CfjaxError as e:
-        raise ckpt.CheckpointError(f"{model_dir}: {e}") from e
-    params_t = abstract_params(config)
-    if info.get("inference_only"):
-        target = {"params": params_t}
-    else:
-        lr = float(info.get("lr", 1e-3))
-        opt = make_optimizer(lr, 10, optimizer=info.get("optimizer", "adam"))
-        opt_t = jax.eval_shape(opt.init, params_t)
-        target = {"params": params_t, "opt_state": opt_t}
-    state, _, _ = ckpt.load_checkpoint(model_dir, target)
-    if info.get("status") != "complete":
-        raise ckpt.CheckpointError(f"{model_dir} holds an unfinished training run (status {info.get('status')!r}); finish it with --resume")
-    return state["params"], config, info
+    """``(params, config, info)`` of a flow model directory: :func:`cfjax.model_dirs.load` in
+    the tuple shape callers of this name expect."""
+    m = model_dirs.load(KIND, model_dir)
+    return m.params, m.config, m.info
 
 
 def export_inference_model(src: str | Path, dst: str | Path) -> Path:
     """Copy a trained model's parameters (no optimizer state) into a new model directory."""
-    params, config, info = load_flow(src)
-    return ckpt.export_inference_model(src, dst, KIND, config.to_dict(), {"params": params}, info)
+    return model_dirs.export(src, dst, KIND)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cfjax.pipelines.explain_common import add_data_arguments
-
-    add_data_arguments(p)
-    p.add_argument("--out", required=True, help="model directory to write (refuses to overwrite; see --resume)")
-    p.add_argument("--extra-train", action="append", default=[], metavar="FILE.npz",
-                   help="add the images of an .npz (x, y) to the training split (repeatable); the test split stays --data's")
-    p.add_argument("--arch", choices=ARCHS, default="glow",
-                   help="flow architecture: glow (the shipped multi-scale Glow), ibinn (the IB-INN authors' network: "
-                        "24+24 all-in-one blocks, DCT pooling, dense coupling), ibinn-small (8+8 blocks). Unset training "
-                        "options take the architecture's recipe (see README)")
-    g = p.add_argument_group("training (unset: the --arch recipe; glow: 40 epochs, batch 64, Adam 1e-3, beta 8; "
-                             "ibinn: 60 epochs, batch 128, SGD 0.07, beta 1.4265)")
-    g.add_argument("--epochs", type=int, default=None, help="passes over the training set")
-    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs; sizes a run to the time available)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adam (warm-up + cosine) or sgd (the IB-INN recipe)")
-    g.add_argument("--beta", type=float, default=None, help="IB trade-off: larger favours accuracy over likelihood")
-    g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the L_Y term")
-    g.add_argument("--train-prior", type=int, choices=(0, 1), default=None, help="1: learn the class prior (IB-INN), 0: keep it uniform")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise (default 0)")
-    p.add_argument("--noise-sigma", type=float, default=0.01, help="Gaussian input noise during training (default 0.01)")
-    p.add_argument("--preprocess", choices=("logit", "affine"), default="affine",
-                   help="map of [0, 1] pixels into the flow: affine (IB-INN's 2x-1, default) or logit (RealNVP; measured worse for ECINN here)")
-    glow = p.add_argument_group("--arch glow")
-    glow.add_argument("--levels", type=int, default=2, help="downsampling levels (default 2)")
-    glow.add_argument("--steps-per-level", type=int, default=8, help="flow steps per level (default 8)")
-    glow.add_argument("--hidden", type=int, default=32, help="subnet width at level 0, doubling per level (default 32)")
-    glow.add_argument("--downsample", choices=("haar", "squeeze"), default="haar", help="default haar")
-    glow.add_argument("--split-levels", action="store_true", help="multi-scale factor-out (Glow); default keeps the full latent")
-    ib = p.add_argument_group("--arch ibinn / ibinn-small (each switch removes one difference from the Glow flow)")
-    ib.add_argument("--blocks", type=int, default=None, help="all-in-one blocks per resolution (default 24, ibinn-small 8)")
-    ib.add_argument("--no-dense", action="store_true", help="leave out DCT pooling and the dense coupling")
-    ib.add_argument("--no-batchnorm", action="store_true", help="subnets with biases instead of BatchNorm")
-    ib.add_argument("--mixing", choices=("orthogonal", "permutation"), default="orthogonal",
-                    help="fixed channel mixing after each block (default orthogonal)")
-    p.add_argument("--augment-shift", type=int, default=0, help="random shifts of up to this many pixels, zero fill (default 0: none)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
-    p.add_argument("--export", default=None, help="also write an inference-only copy (no optimizer state) here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
+def train(arch: FlowArchitecture, training: FlowTraining, *, out, data: str = "mnist5k", data_dir=None,
+          extra_train=(), resume: bool = False, export=None, quiet: bool = False) -> dict:
+    """Train (or with ``resume`` continue) the flow of ``arch`` on ``data`` (plus the labelled
+    .npz files ``extra_train``) into the model directory ``out``; ``export`` also writes an
+    inference-only copy. Every option and the output locations are checked before any data
+    loads. Returns the final metrics."""
     from cfjax.data import concat_datasets, load_npz_dataset
 
-    from cfjax.pipelines.training import check_out_dir
-
-    if args.export:  # before training, not after it
-        ckpt.check_export_target(args.export)
-    check_out_dir(Path(args.out), args.resume)
-    apply_recipe(args)
-    for name in ("checkpoint_every", "batch_size", "epochs", "steps"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise CfjaxError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    for name in ("lr", "beta", "noise_sigma", "label_smoothing"):
-        v = getattr(args, name)
-        if not np.isfinite(v) or v < 0 or (v == 0 and name in ("lr", "beta")):
-            raise CfjaxError(f"--{name.replace('_', '-')} must be a {'positive' if name in ('lr', 'beta') else 'non-negative'} finite number, got {v}")
-    extra = [load_npz_dataset(f) for f in args.extra_train]  # checked before the (slower) dataset load
-    train = load_dataset(args.data, "train", args.data_dir)
-    test = load_dataset(args.data, "test", args.data_dir)
+    if export:  # before training, not after it
+        ckpt.check_export_target(export)
+    check_out_dir(Path(out), resume)
+    training = training.resolved(arch.arch)
+    extra = [load_npz_dataset(f) for f in extra_train]  # checked before the (slower) dataset load
+    train_ds = load_dataset(data, "train", data_dir)
+    test = load_dataset(data, "test", data_dir)
     if extra:
-        train = concat_datasets(train, [load_npz_dataset(f, train.num_classes) for f in args.extra_train])
-    config = flow_config_from_args(args, train.image_shape, train.num_classes)
-    steps_per_epoch = len(train) // max(args.batch_size, 1)
-    steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    epochs = args.epochs if args.steps is None else -(-steps // max(steps_per_epoch, 1))
-    spec = build_spec(config, train, args.lr, steps, args.seed, augment_shift=args.augment_shift,
-                      optimizer=args.optimizer, mean_lr_factor=args.mean_lr_factor, clip=args.clip)
+        train_ds = concat_datasets(train_ds, [load_npz_dataset(f, train_ds.num_classes) for f in extra_train])
+    config = flow_config(arch, training, train_ds.image_shape, train_ds.num_classes)
+    steps_per_epoch = len(train_ds) // max(training.batch_size, 1)
+    steps = training.steps if training.steps is not None else training.epochs * steps_per_epoch
+    epochs = training.epochs if training.steps is None else -(-steps // max(steps_per_epoch, 1))
+    spec = build_spec(config, train_ds, training.lr, steps, training.seed, augment_shift=training.augment_shift,
+                      optimizer=training.optimizer, mean_lr_factor=training.mean_lr_factor, clip=training.clip)
     t0 = time.perf_counter()
     _, metrics = fit(
-        spec, train, test, args.out, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-        resume=args.resume, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-        total_steps=steps if args.steps is not None else None,
+        spec, train_ds, test, out, epochs=epochs, batch_size=training.batch_size, seed=training.seed,
+        resume=resume, checkpoint_every=training.checkpoint_every, quiet=quiet,
+        total_steps=steps if training.steps is not None else None,
     )
     print(
         f"flow trained in {time.perf_counter() - t0:.0f}s: test accuracy {metrics['test_accuracy']:.4f}, "
-        f"test bits/dim {metrics['test_bits_per_dim']:.3f} -> {args.out}"
+        f"test bits/dim {metrics['test_bits_per_dim']:.3f} -> {out}"
     )
-    if args.export:
-        print(f"exported inference-only model -> {export_inference_model(args.out, args.export)}")
-    return 0
+    if export:
+        print(f"exported inference-only model -> {export_inference_model(out, export)}")
+    return metrics

@@ -18,18 +18,40 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cfjax import checkpoint as ckpt
 from cfjax.data import Dataset
 from cfjax.errors import CfjaxError
+from cfjax.methods.deep_inversion import random_shift  # noqa: F401 - the trainers' augmentation
 from cfjax.pipelines.progress import progress_bar
+from cfjax.validation import positive_int
+
+CHECKPOINT_EVERY = 200  # steps between checkpoints, unless the trainer is told otherwise
 
 # (state, x (B,H,W,C), y (B,), key) -> (state, metrics: dict[str, scalar])
 TrainStep = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[Any, dict]]
 # (state, dataset) -> dict[str, float]
 EvalFn = Callable[[Any, Dataset], dict]
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a classifier or DUQ trainer optimises: AdamW at peak ``lr`` with ``weight_decay``,
+    ``epochs`` passes in batches of ``batch_size``, random shifts of up to ``augment_shift``
+    pixels. Each trainer's defaults are its ``DEFAULT_TRAINING`` instance."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    augment_shift: int = 0
+    seed: int = 0
+    checkpoint_every: int = CHECKPOINT_EVERY
+
+    def __post_init__(self):
+        positive_int(self.epochs, "epochs")
+        positive_int(self.batch_size, "batch_size")
 
 
 @dataclass
@@ -62,6 +84,36 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise CfjaxError(f"--resume: {out} holds no checkpoint to resume from")
 
 
+def _resume(spec: TrainSpec, out: Path, state, *, seed: int, batch_size: int, epochs: int, total_steps: int,
+            steps_per_epoch: int) -> tuple[Any, int, float, int]:
+    """Restore the run in ``out`` into ``state``: (state, step, seconds and images before). The
+    run must have been started with the same config, trainer settings, seed, batch size and length."""
+    info = ckpt.read_model_info(out, expected_kind=spec.kind)
+    if info["config"] != spec.config:
+        raise CfjaxError(f"--resume: {out} was trained with another config; resume with the same options")
+    changed = [k for k, v in spec.info.items() if k in info and info[k] != v]
+    if changed:
+        raise CfjaxError(
+            f"--resume: {out} was trained with " + ", ".join(f"{k}={info[k]!r}" for k in changed)
+            + "; resume with the same values, not " + ", ".join(f"{k}={spec.info[k]!r}" for k in changed)
+        )
+    state, meta, start_step = ckpt.load_checkpoint(out, state)
+    seconds_before = float(meta.get("train_seconds", 0.0))
+    images_before = int(meta.get("images_seen", 0))
+    if meta.get("seed", seed) != seed or meta.get("batch_size", batch_size) != batch_size:
+        raise CfjaxError(
+            f"--resume: {out} was trained with seed {meta.get('seed')} and batch size "
+            f"{meta.get('batch_size')}; resume with the same values"
+        )
+    before = meta.get("total_steps", meta.get("epochs", epochs) * steps_per_epoch)
+    if before != total_steps:
+        raise CfjaxError(
+            f"--resume: {out} is a run of {before} steps ({meta.get('epochs')} epochs); this command asks for "
+            f"{total_steps} (--epochs {epochs}); resume with the same --epochs/--steps (a longer run changes the schedule)"
+        )
+    return state, start_step, seconds_before, images_before
+
+
 def fit(
     spec: TrainSpec,
     train: Dataset,
@@ -72,7 +124,7 @@ def fit(
     batch_size: int,
     seed: int = 0,
     resume: bool = False,
-    checkpoint_every: int = 200,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     max_steps: int | None = None,
     quiet: bool = False,
     total_steps: int | None = None,
@@ -84,50 +136,20 @@ def fit(
     A resumed run must have the same length: extending a run would change its schedule.
     """
     out = Path(out)
-    if epochs <= 0:
-        raise CfjaxError(f"--epochs must be positive, got {epochs}")
-    if batch_size <= 0:
-        raise CfjaxError(f"--batch-size must be positive, got {batch_size}")
-    n = len(train)
-    if n < batch_size:
-        raise CfjaxError(f"--batch-size {batch_size} is larger than the training set ({n} images)")
+    positive_int(epochs, "epochs")
+    positive_int(checkpoint_every, "checkpoint_every")
+    steps_per_epoch, total_steps = _run_length(len(train), epochs, batch_size, total_steps)
     check_out_dir(out, resume)
-    if checkpoint_every <= 0:
-        raise CfjaxError(f"--checkpoint-every must be positive, got {checkpoint_every}")
-    steps_per_epoch = n // batch_size  # drop the ragged last batch: one compiled shape
-    if total_steps is None:
-        total_steps = epochs * steps_per_epoch
-    elif total_steps <= 0:
-        raise CfjaxError(f"--steps must be positive, got {total_steps}")
 
     state = spec.init_state()
     start_step = 0
     seconds_before = 0.0  # training time of the run(s) this one resumes
     images_before = 0
     if resume:
-        info = ckpt.read_model_info(out, expected_kind=spec.kind)
-        if info["config"] != spec.config:
-            raise CfjaxError(f"--resume: {out} was trained with another config; resume with the same options")
-        changed = [k for k, v in spec.info.items() if k in info and info[k] != v]
-        if changed:
-            raise CfjaxError(
-                f"--resume: {out} was trained with " + ", ".join(f"{k}={info[k]!r}" for k in changed)
-                + "; resume with the same values, not " + ", ".join(f"{k}={spec.info[k]!r}" for k in changed)
-            )
-        state, meta, start_step = ckpt.load_checkpoint(out, state)
-        seconds_before = float(meta.get("train_seconds", 0.0))
-        images_before = int(meta.get("images_seen", 0))
-        if meta.get("seed", seed) != seed or meta.get("batch_size", batch_size) != batch_size:
-            raise CfjaxError(
-                f"--resume: {out} was trained with seed {meta.get('seed')} and batch size "
-                f"{meta.get('batch_size')}; resume with the same values"
-            )
-        before = meta.get("total_steps", meta.get("epochs", epochs) * steps_per_epoch)
-        if before != total_steps:
-            raise CfjaxError(
-                f"--resume: {out} is a run of {before} steps ({meta.get('epochs')} epochs); this command asks for "
-                f"{total_steps} (--epochs {epochs}); resume with the same --epochs/--steps (a longer run changes the schedule)"
-            )
+        state, start_step, seconds_before, images_before = _resume(
+            spec, out, state, seed=seed, batch_size=batch_size, epochs=epochs, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        )
     else:
         ckpt.write_model_info(out, spec.kind, spec.config, status="training", dataset=train.name, **spec.info)
 
@@ -138,43 +160,69 @@ def fit(
         meta = {"seed": seed, "batch_size": batch_size, "epochs": epochs, "total_steps": total_steps, "train_seconds": elapsed, "images_seen": images_before + images_seen}
         ckpt.save_checkpoint(out, step, state, meta)
 
-    history: list[dict] = []
     t0 = time.perf_counter()
     images_seen = 0  # in this process
     step = start_step
     with progress_bar(total_steps, f"train {spec.kind}", disable=quiet) as bar:
         bar.advance(start_step)
-        while step < total_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            order = np.random.default_rng(seed + epoch).permutation(n)
-            for b in range(pos, steps_per_epoch):
-                if step >= total_steps:
-                    break
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                key = jax.random.fold_in(base_key, step)
-                state, metrics = spec.train_step(state, train.images[idx], train.labels[idx], key)
-                step += 1
-                images_seen += batch_size
-                if step % 10 == 0 or step == total_steps:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not all(math.isfinite(v) for v in m.values()):
-                        raise CfjaxError(f"training diverged at step {step} (metrics {m}); lower the learning rate")
-                    history.append({"step": step, **m})
-                    bar.update(step, epoch=f"{epoch + 1}/{epochs}", **{k: m[k] for k in spec.show if k in m})
-                else:
-                    bar.update(step)
-                final = step == total_steps
-                if (step % checkpoint_every == 0 and not final) or (final and spec.finalize is None):
-                    save(step, state)
-                if max_steps is not None and step >= max_steps:
-                    save(step, state)
-                    return state, {"stopped_at_step": step}
+        for s, epoch, idx in _batch_indices(len(train), batch_size, steps_per_epoch, seed, start_step, total_steps):
+            state, metrics = spec.train_step(state, train.images[idx], train.labels[idx], jax.random.fold_in(base_key, s))
+            step = s + 1
+            images_seen += batch_size
+            if step % 10 == 0 or step == total_steps:
+                m = _finite_metrics(metrics, step)
+                bar.update(step, epoch=f"{epoch + 1}/{epochs}", **{k: m[k] for k in spec.show if k in m})
+            else:
+                bar.update(step)
+            final = step == total_steps
+            if (step % checkpoint_every == 0 and not final) or (final and spec.finalize is None):
+                save(step, state)
+            if max_steps is not None and step >= max_steps:
+                save(step, state)
+                return state, {"stopped_at_step": step}
     train_seconds = seconds_before + time.perf_counter() - t0
-    images_total = images_before + images_seen
     if spec.finalize is not None:
         state = spec.finalize(state, train)
         save(step, state)
-    metrics = {"train_seconds": round(train_seconds, 2), "train_images_per_s": round(images_total / max(train_seconds, 1e-9), 1)}
+    metrics = {"train_seconds": round(train_seconds, 2),
+               "train_images_per_s": round((images_before + images_seen) / max(train_seconds, 1e-9), 1)}
+    return state, _complete(spec, state, train, test, out, metrics, {"epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": step})
+
+
+def _run_length(n: int, epochs: int, batch_size: int, total_steps: int | None) -> tuple[int, int]:
+    """(steps per epoch, steps in all) of a run over ``n`` images; the ragged last batch of an
+    epoch is dropped, so one shape compiles."""
+    positive_int(batch_size, "batch_size")
+    if total_steps is not None:
+        positive_int(total_steps, "total_steps")
+    if n < batch_size:
+        raise CfjaxError(f"batch size {batch_size} is larger than the training set ({n} images)")
+    steps_per_epoch = n // batch_size
+    return steps_per_epoch, epochs * steps_per_epoch if total_steps is None else total_steps
+
+
+def _batch_indices(n: int, batch_size: int, steps_per_epoch: int, seed: int, start: int, total: int):
+    """(step, epoch, image indices) of every step in [start, total): epoch e visits the images
+    in the order ``default_rng(seed + e)`` gives, so a resumed run continues the same sequence."""
+    step = start
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = np.random.default_rng(seed + epoch).permutation(n)
+        for b in range(pos, min(steps_per_epoch, pos + total - step)):
+            yield step, epoch, order[b * batch_size : (b + 1) * batch_size]
+            step += 1
+
+
+def _finite_metrics(metrics: dict, step: int) -> dict:
+    """The step's metrics as floats; CfjaxError when one is NaN or infinite (a diverged run)."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(v) for v in m.values()):
+        raise CfjaxError(f"training diverged at step {step} (metrics {m}); lower the learning rate")
+    return m
+
+
+def _complete(spec: TrainSpec, state, train: Dataset, test: Dataset | None, out: Path, metrics: dict, settings: dict) -> dict:
+    """Evaluate the finished run on ``test`` and mark ``out`` complete; returns all metrics."""
     if test is not None:
         metrics.update({k: float(v) for k, v in spec.evaluate(state, test).items()})
     ckpt.write_model_info(
@@ -184,24 +232,7 @@ def fit(
         status="complete",
         dataset=train.name,
         metrics=metrics,
-        train_settings={"epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": step},
+        train_settings=settings,
         **spec.info,
     )
-    return state, metrics
-
-
-def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
-    """Shift each image by an independent integer offset in [-max_shift, max_shift]^2, zero fill.
-
-    x: (B, H, W, C) -> (B, H, W, C).
-    """
-    if max_shift <= 0:
-        return x
-    b, h, w, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
-
-    def crop(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
-
-    return jax.vmap(crop)(padded, offsets)
+    return metrics

@@ -1,0 +1,98 @@
+"""``cfjax explain ecinn|disc``: flags -> Queries, Output and the method's settings -> the explain pipelines.
+
+    cfjax explain ecinn [--model DIR] --data mnist5k --split test --limit N --target next|K \\
+        --out CF.npz [--png GRID.png] [--step paper|code|full|...] [--refine R] [--direction predicted_means|mu]
+    cfjax explain disc [--model DIR] --data mnist5k --split test --limit N --target next|K \\
+        --out CF.npz [--png GRID.png] [--steps S] [--prior pixels|dip|inr] [--manifold duq|none] \\
+        [--duq DIR] [--bn-weight W] [--progressive|--no-progressive] [--batch-size B] [--seed S]
+
+ECINN's defaults are :data:`cfjax.pipelines.explain_ecinn.DEFAULT_STEP` / ``DEFAULT_REFINE``;
+DISC's are the fields of :class:`cfjax.methods.disc.DISCConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cfjax.cli.common import (
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    add_explain,
+    add_shards,
+    checked,
+    output_from,
+    queries_from,
+)
+
+
+# DISCConfig fields whose flag has another name (the CLI names the flag in an error about the field)
+FLAGS = {"lambda_bn": "--bn-weight", "lambda_mc": "--manifold"}
+
+
+def _check_step(text: str) -> None:
+    from cfjax.methods.ecinn import parse_step
+
+    parse_step(text)
+
+
+def add_ecinn(p: argparse.ArgumentParser) -> None:
+    from cfjax.methods.ecinn import DIRECTIONS, STEP_RULES
+    from cfjax.pipelines.explain_ecinn import DEFAULT_DIRECTION, DEFAULT_REFINE, DEFAULT_STEP
+
+    add_explain(p)
+    p.add_argument("--step", type=checked(_check_step, "step"), default=DEFAULT_STEP,
+                   help=f"alpha as a function of the boundary step alpha0: one of {', '.join(STEP_RULES)} "
+                        f"(cfjax.methods.ecinn.STEP_RULES gives each formula) or a number (default {DEFAULT_STEP})")
+    p.add_argument("--refine", type=NON_NEGATIVE_INT, default=DEFAULT_REFINE, help=f"validity refinement rounds for counterfactuals that clipping to [0, 1] turned back (default {DEFAULT_REFINE}; 0 with --step paper is the paper's exact two-pass method)")
+    p.add_argument("--direction", default=DEFAULT_DIRECTION, choices=DIRECTIONS,
+                   help=f"translation direction: predicted_means (m_q - m_p, mean latents of the training images predicted as each class; the paper) or mu (learned means) (default {DEFAULT_DIRECTION})")
+    add_shards(p, 1024)
+
+
+def run_ecinn(args) -> int:
+    from cfjax.pipelines import explain_ecinn
+
+    return explain_ecinn.explain(queries_from(args), output_from(args), step=args.step, refine=args.refine,
+                                 direction=args.direction, batch_size=args.batch_size, devices=args.devices,
+                                 seed=args.seed, quiet=args.quiet)
+
+
+def add_disc(p: argparse.ArgumentParser) -> None:
+    from cfjax.methods import disc
+    from cfjax.pipelines.explain_disc import DEFAULT_MANIFOLD, DEFAULT_SHARD_SIZE, MANIFOLDS
+
+    d = disc.DISCConfig()
+    add_explain(p)
+    p.add_argument("--steps", type=POSITIVE_INT, default=d.steps, help=f"optimisation steps in all, split over the stages (default {d.steps})")
+    p.add_argument("--prior", default=d.prior, help=f"image parametrisation: pixels, dip or inr (default {d.prior})")
+    p.add_argument("--fit-steps", type=NON_NEGATIVE_INT, default=d.fit_steps, help=f"steps fitting a dip/inr generator to the query first (default {d.fit_steps})")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=d.lr, help="Adam learning rate (default: the prior's)")
+    p.add_argument("--manifold", choices=MANIFOLDS, default=DEFAULT_MANIFOLD, help=f"manifold consistency: duq (DUQ kernel of the target class) or none (default {DEFAULT_MANIFOLD})")
+    p.add_argument("--duq", default=None, help="DUQ model directory (default: the shipped one for --data)")
+    p.add_argument("--bn-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_bn, help=f"weight of the BatchNorm-statistics term (default {d.lambda_bn}; 0 for a model without BatchNorm)")
+    p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
+    p.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=d.progressive,
+                   help=f"raise the target probability through {', '.join(map(str, d.stages))} with warm starts (default {'on' if d.progressive else 'off'})")
+    add_shards(p, DEFAULT_SHARD_SIZE)
+
+
+def disc_config(args):
+    """The DISCConfig the flags ask for (CfjaxError from DISCConfig on a bad combination)."""
+    from cfjax.methods import disc
+
+    d = disc.DISCConfig()
+    return d.replace(
+        steps=args.steps, prior=args.prior, fit_steps=args.fit_steps, lr=args.lr, lambda_bn=args.bn_weight,
+        bn_convention=args.bn_convention, progressive=args.progressive, seed=args.seed,
+        lambda_mc=d.lambda_mc if args.manifold == "duq" else 0.0,
+    )
+
+
+def run_disc(args) -> int:
+    from cfjax.pipelines import explain_disc
+
+    config = disc_config(args)  # before any work
+    return explain_disc.explain(queries_from(args), output_from(args), config, manifold=args.manifold, duq_dir=args.duq,
+                                batch_size=args.batch_size, devices=args.devices, seed=args.seed, quiet=args.quiet)
