@@ -112,7 +112,7 @@ def test_bad_step_and_direction(params):
         ecinn.counterfactual(params, CFG, x, jnp.zeros(1, jnp.int32), direction="nope")
 
 
-@pytest.mark.parametrize("preprocess", ["logit", "affine"])
+@pytest.mark.parametrize("preprocess", [pytest.param("logit", marks=pytest.mark.slow), "affine"])  # logit: not the default
 def test_encode_logdet_includes_preprocessing(preprocess):
     """log|det dz/dx| of the full model (preprocessing + flow) against jacfwd; decode inverts."""
     cfg = fc.FlowClassifierConfig(

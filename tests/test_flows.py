@@ -158,6 +158,7 @@ def test_glow_split_latent_ordering():
     np.testing.assert_allclose(np.asarray(xr), np.asarray(x), atol=1e-4)
 
 
+@pytest.mark.slow  # moved out of the default suite for time; run with -m slow
 def test_glow_default_invertible_and_vmap():
     cfg = GlowConfig()
     x0 = jax.random.uniform(jax.random.PRNGKey(0), (32, 28, 28, 1))

@@ -56,6 +56,7 @@ def test_invertible_and_logdet_matches_jacobian(switch):
         np.testing.assert_allclose(_jac_logdet(config, p, x[i]), float(ld[i]), rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.slow  # moved out of the default suite for time; run with -m slow
 def test_full_mnist_preset_roundtrip_under_jit():
     config = IBINNConfig(blocks_high=3, blocks_low=3)
     p = _perturbed(config, scale=0.02)

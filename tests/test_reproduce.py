@@ -50,3 +50,16 @@ def test_quick_smoke_run(tmp_path):
     for fig in ("ecinn_step_rules", "heatmaps_deletion_insertion", "disc_ablation", "boundary_ecinn", "boundary_disc",
                 "fakemnist_ecinn", "fakemnist_disc"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+
+
+def test_reference_sections_render_every_row_with_intervals():
+    cell = lambda r: {"rate": r, "ci95": [r - 0.01, r + 0.01], "n": 100}  # noqa: E731
+    ref = {"queries": "Q", "model": "M", "step": "code", "refine": 2, "seconds": 1.0,
+           "rows": {"authors GEN": {"validity": cell(0.99), "judge_rbf": cell(0.9), "judge_knn": cell(0.8), "judges_all_agree": cell(0.7),
+                                    "study": {"elastic_net": {"mean": 99.0}, "im1": {"mean": 0.8}, "im2": {"mean": 0.1}, "fid": {"value": 3.0}}},
+                    "cfjax ECINN": {"validity": cell(0.97), "judge_rbf": cell(0.6), "judge_knn": cell(0.5), "judges_all_agree": cell(0.4)}}}
+    fake = {"model": "F", "queries": "FQ", "marker_switched": 0.9996, "marker_switched_ci95": [0.999, 0.9998],
+            "authors_gen_marker_switched": 0.9998, "mean_abs_change": 0.02, "authors_gen_mean_abs_change": 0.0068}
+    text = "\n".join(_module().reference_lines({"ecinn_reference": ref, "fakemnist_reference": {"ecinn": fake}}, {"date": "D"}))
+    assert "| authors GEN | 99.0% (98.0%–100.0%) | 90.0% (89.0%–91.0%) |" in text and "| 99 | 0.8 | 0.1 | 3 |" in text
+    assert "| cfjax ECINN | 97.0%" in text and "99.96% (95% interval 99.90%–99.98%)" in text

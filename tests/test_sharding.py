@@ -74,6 +74,7 @@ def _run_disc(same_batch: bool):
     assert p.returncode == 0 and "DISC-SHARDING-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
 
 
+@pytest.mark.slow  # moved out of the default suite for time; run with -m slow
 def test_disc_eight_devices_equal_one_device_per_slice():
     _run_disc(False)
 

@@ -82,6 +82,7 @@ def test_twin_is_built_from_freia_blocks(tiny_flow):
     assert {type(m) for m in twin.inn.module_list} == {Fm.HaarDownsampling, Fm.ActNorm, Fm.Fixed1x1Conv, Fm.AffineCouplingOneSided}
 
 
+@pytest.mark.slow  # moved out of the default suite for time; run with -m slow
 def test_training_twin_matches_cfjax(tiny_flow):
     params, config, _, x = tiny_flow
     train = SimpleNamespace(images=x, labels=(np.arange(len(x)) % 10).astype(np.int32))
