@@ -9,14 +9,15 @@ Pure functions (jit/vmap/grad-able, explicit parameter pytrees):
   cfjax.methods.disc             DISC objective terms and batched optimisation
 Ground: cfjax.validation (checks on images, targets, numbers), cfjax.model_dirs (load / export
 every model kind), cfjax.data, cfjax.metrics.
-One-call object: cfjax.Explainer.pretrained("mnist5k").explain(x, target="next").
+One-call objects: cfjax.Explainer.pretrained("mnist5k").explain(x, target="next") (ECINN) and
+cfjax.DISCExplainer.pretrained("mnist5k") or cfjax.DISCExplainer(apply_fn, variables) (DISC).
 """
 
 from cfjax.errors import CfjaxError, CheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["CfjaxError", "CheckpointError", "Explainer", "__version__",
+__all__ = ["CfjaxError", "CheckpointError", "DISCExplainer", "Explainer", "__version__",
            *sorted(["glow", "flows", "latent", "flow_classifier", "ecinn", "disc", "metrics", "data", "validation", "model_dirs"])]
 
 # The pure-function modules, importable as attributes (cfjax.ecinn.counterfactual, ...), loaded
@@ -36,10 +37,10 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name == "Explainer":  # loaded on first use too: `import cfjax` (and the CLI's start) needs no JAX
-        from cfjax.explainer import Explainer
+    if name in ("Explainer", "DISCExplainer"):  # loaded on first use too: `import cfjax` (and the CLI's start) needs no JAX
+        from cfjax import explainer
 
-        return Explainer
+        return getattr(explainer, name)
     if name in _LAZY:
         import importlib
 
