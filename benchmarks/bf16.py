@@ -17,7 +17,6 @@ Two forward programs, each timed in float32 and with parameters and inputs cast 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import common
 
 
 def cast(tree, dtype):
@@ -201,8 +202,7 @@ def main(argv=None) -> int:
     res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     tag = "cpu" if res["device"]["platform"] == "cpu" else "gpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"bf16_{tag}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    common.save_json(res, out)
     print(f"-> {out}")
     return 0
 

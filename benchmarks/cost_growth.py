@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
+
 RUNNER = ("import resource, sys, time; from cfjax.cli import main; t0 = time.perf_counter(); rc = main(sys.argv[1:]); "
           "print('COST', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True); sys.exit(rc)")
 
@@ -107,8 +109,7 @@ def main(argv=None) -> int:
               "load_average_end": [round(v, 2) for v in os.getloadavg()], "rows": rows,
               "notes": "steady_s_per_image excludes the first shard (compilation); peak_rss_mb is the whole process's high-water mark."}
     out = Path(args.out or repo / "benchmarks" / "results" / f"cost_growth_{args.method}_{tag}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    common.save_json(result, out)
     print(f"-> {out}")
     return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cfjax.pipelines import shards as sh
+from test_shards import shard_arrays  # noqa: E402 - one copy of the helper, in the shard tests
 
 # 12 queries in shards of 4 (3 shards: process 0 takes 0 and 2, process 1 takes 1); batch 4.
 ECINN = ["explain", "ecinn", "--limit", "12", "--shards", "--shard-size", "4", "--batch-size", "4", "--quiet"]
@@ -58,15 +59,6 @@ def wait_all(procs, tmp_path):
     out = {name: (tmp_path / f"{name}.log").read_text() for name in procs}
     for name, (p, _) in procs.items():
         assert p.returncode == 0, f"{name} exited {p.returncode}:\n{out[name][-3000:]}"
-    return out
-
-
-def shard_arrays(d):
-    """{shard file: {key: bytes}} of a (merged) shard directory, without the wall-time field."""
-    out = {}
-    for e in sh.open_shards(d).entries:
-        with np.load(d / e["file"]) as f:
-            out[e["file"]] = {k: f[k].tobytes() for k in f.files if k != "seconds"}
     return out
 
 

@@ -17,6 +17,8 @@ architecture; their parameters are stacked on a leading axis.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,8 +94,7 @@ def reconstruct(params, x, which, batch_size: int = 512) -> np.ndarray:
     A ``which`` outside the stacked range gives NaN rows (never another class's answer)."""
     x = np.asarray(x, np.float32)
     which = np.asarray(which, np.int64)
-    model = _model(x.shape)
-    apply = jax.jit(lambda p, xb: model.apply({"params": p}, xb))
+    apply = _jitted_apply(_model(x.shape).channels)
     out = np.full_like(x, np.nan)
     for a in range(count_of(params)):
         idx = np.flatnonzero(which == a)
@@ -102,6 +103,13 @@ def reconstruct(params, x, which, batch_size: int = 512) -> np.ndarray:
             chunk = idx[i : i + batch_size]
             out[chunk] = np.asarray(apply(p, jnp.asarray(x[chunk])))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(channels: int):
+    """One compiled forward pass per channel count, shared by every call of :func:`reconstruct`."""
+    model = ConvAutoencoder(channels=channels)
+    return jax.jit(lambda p, xb: model.apply({"params": p}, xb))
 
 
 def count_of(params) -> int:
