@@ -103,3 +103,34 @@ def test_augment_shift_trains_on_shifted_images_and_is_kept_on_resume(small, tmp
         _run(small, tmp_path / "aug", augment_shift=0, resume=True)
     with pytest.raises(CfjaxError, match="augment_shift"):
         train_flow.build_spec(CFG, small[0], 1e-3, 6, seed=0, augment_shift=-1)
+
+
+def test_init_from_starts_at_the_trained_weights_and_refuses_another_network(small, tmp_path):
+    """--init-from: the new run starts exactly at the trained flow's parameters (a near-zero
+    learning rate leaves them there), records where it came from, and a different network is
+    refused by name."""
+    import dataclasses
+
+    from cfjax.cli import main
+
+    _run(small, tmp_path / "a")
+    trained, _, _ = train_flow.load_flow(tmp_path / "a")
+    init, record = train_flow.warm_start_params(tmp_path / "a", CFG)
+    assert record["init_from"] == str(tmp_path / "a")
+    train, test = small
+    spec = train_flow.build_spec(CFG, train, 1e-12, 3, seed=1, init_params=init, info=record)
+    state, _ = fit(spec, train, test, tmp_path / "b", epochs=1, batch_size=32, seed=1, quiet=True)
+    for name in ("glow", "latent"):
+        for a, b in zip(_leaves(state["params"][name]), _leaves(trained[name])):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert train_flow.ckpt.read_model_info(tmp_path / "b", expected_kind="flow")["init_from"] == str(tmp_path / "a")
+    # A fresh initialisation is far from it (the check above can fail).
+    fresh, _ = fit(train_flow.build_spec(CFG, train, 1e-12, 3, seed=1), train, test, tmp_path / "c", epochs=1,
+                   batch_size=32, seed=1, quiet=True)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(_leaves(fresh["params"]["glow"]), _leaves(trained["glow"]))) > 1e-2
+
+    wider = dataclasses.replace(CFG, glow=dataclasses.replace(CFG.glow, hidden_channels=16, max_hidden_channels=16))
+    with pytest.raises(CfjaxError, match="different network.*hidden_channels"):
+        train_flow.warm_start_params(tmp_path / "a", wider)
+    assert main(["train", "flow", "--out", str(tmp_path / "d"), "--init-from", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert not (tmp_path / "d").exists()

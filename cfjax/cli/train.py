@@ -59,6 +59,9 @@ def add_flow(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=NON_NEGATIVE_FLOAT, default=None, help="label smoothing of the L_Y term")
     g.add_argument("--train-prior", type=int, choices=(0, 1), default=None, help="1: learn the class prior (IB-INN), 0: keep it uniform")
     add_seed(p, f"seed of the initialisation, data order and noise (default {t.seed})")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start from this trained flow's weights (same --arch and network options) with a fresh "
+                        "optimizer and a schedule of this run's own length: how a finished run is extended")
     p.add_argument("--noise-sigma", type=NON_NEGATIVE_FLOAT, default=a.noise_sigma, help=f"Gaussian input noise during training (default {a.noise_sigma})")
     p.add_argument("--preprocess", choices=("logit", "affine"), default=a.preprocess,
                    help=f"map of [0, 1] pixels into the flow: affine (IB-INN's 2x-1) or logit (RealNVP; measured worse for ECINN here) (default {a.preprocess})")
@@ -92,7 +95,7 @@ def run_flow(args) -> int:
         augment_shift=args.augment_shift, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )
     tf.train(arch, training, out=args.out, data=args.data, data_dir=args.data_dir, extra_train=args.extra_train,
-             resume=args.resume, export=args.export, quiet=args.quiet)
+             resume=args.resume, export=args.export, quiet=args.quiet, init_from=args.init_from)
     return 0
 
 

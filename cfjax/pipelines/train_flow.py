@@ -224,15 +224,21 @@ def evaluate_flow(params: dict, config: fc.FlowClassifierConfig, data: Dataset, 
 
 
 def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total_steps: int, seed: int, augment_shift: int = 0,
-               optimizer: str = "adam", mean_lr_factor: float = 10.0, clip: float = 10.0) -> TrainSpec:
+               optimizer: str = "adam", mean_lr_factor: float = 10.0, clip: float = 10.0, init_params: dict | None = None,
+               info: dict | None = None) -> TrainSpec:
     """The TrainSpec for :func:`cfjax.pipelines.training.fit`: IB-INN loss, the chosen optimizer
     (see :func:`make_optimizer`), optional random shifts of up to ``augment_shift`` pixels (zero
-    fill) before dequantisation."""
+    fill) before dequantisation. ``init_params`` (a trained flow's params, see
+    :func:`warm_start_params`) replaces the random initialisation; the optimizer starts fresh.
+    ``info``: extra fields for the model directory's record."""
     non_negative_int(augment_shift, "augment_shift")
     opt = make_optimizer(lr, total_steps, mean_lr_factor=mean_lr_factor, clip=clip, optimizer=optimizer)
 
     def init_state():
-        params = fc.init_flow_classifier(jax.random.PRNGKey(seed), config, jnp.asarray(_init_batch(train.images, seed=seed)))
+        if init_params is not None:
+            params = jax.tree_util.tree_map(jnp.asarray, init_params)
+        else:
+            params = fc.init_flow_classifier(jax.random.PRNGKey(seed), config, jnp.asarray(_init_batch(train.images, seed=seed)))
         return {"params": params, "opt_state": opt.init(params)}
 
     @jax.jit
@@ -262,9 +268,32 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
         train_step=train_step,
         evaluate=lambda state, data: evaluate_flow(state["params"], config, data),
         finalize=finalize,
-        info={"lr": lr, "augment_shift": augment_shift, "optimizer": optimizer, "mean_lr_factor": mean_lr_factor, "clip": clip},
+        info={"lr": lr, "augment_shift": augment_shift, "optimizer": optimizer, "mean_lr_factor": mean_lr_factor, "clip": clip,
+              **(info or {})},
         show=("loss", "bpd", "acc"),
     )
+
+
+def warm_start_params(model_dir, config: fc.FlowClassifierConfig) -> tuple[dict, dict]:
+    """``(params, record)``: the parameters of the trained flow in ``model_dir`` as the starting
+    point of a new run of ``config`` (``cfjax train flow --init-from``), and what the new model
+    directory records about it. The network (``config.glow``, preprocessing) and the class count
+    must be the same; the training recipe, beta and label smoothing may differ. The cached
+    predicted class means stay frozen until the new run's ``finalize`` recomputes them.
+    CfjaxError naming the differing fields otherwise."""
+    m = model_dirs.load(KIND, model_dir)
+    mine, theirs = config.to_dict(), m.config.to_dict()
+    for key in ("glow", "preprocess", "dequantize_bins"):
+        if mine.get(key) != theirs.get(key):
+            a, b = mine.get(key), theirs.get(key)
+            diff = [k for k in (a or {}) if (b or {}).get(k) != a[k]] if isinstance(a, dict) else [key]
+            raise CfjaxError(f"init_from: {model_dir} is a different network ({key}: {', '.join(map(str, diff)) or key} "
+                             f"differ); pass the same --arch and network options it was trained with")
+    if m.config.num_classes != config.num_classes:
+        raise CfjaxError(f"init_from: {model_dir} has {m.config.num_classes} classes, the data {config.num_classes}")
+    params = dict(m.params)
+    steps = (m.info.get("train_settings") or {}).get("steps")
+    return params, {"init_from": str(model_dir), "init_from_steps": steps}
 
 
 def load_flow(model_dir: str | Path) -> tuple[dict, fc.FlowClassifierConfig, dict]:
@@ -280,16 +309,20 @@ def export_inference_model(src: str | Path, dst: str | Path) -> Path:
 
 
 def train(arch: FlowArchitecture, training: FlowTraining, *, out, data: str = "mnist5k", data_dir=None,
-          extra_train=(), resume: bool = False, export=None, quiet: bool = False) -> dict:
+          extra_train=(), resume: bool = False, export=None, quiet: bool = False, init_from=None) -> dict:
     """Train (or with ``resume`` continue) the flow of ``arch`` on ``data`` (plus the labelled
     .npz files ``extra_train``) into the model directory ``out``; ``export`` also writes an
-    inference-only copy. Every option and the output locations are checked before any data
-    loads. Returns the final metrics."""
+    inference-only copy; ``init_from`` starts from a trained flow's weights instead of a random
+    initialisation (a new schedule of its own length: how a finished run is extended). Every
+    option and the output locations are checked before any data loads. Returns the final
+    metrics."""
     from cfjax.data import concat_datasets, load_npz_dataset
 
     if export:  # before training, not after it
         ckpt.check_export_target(export)
     check_out_dir(Path(out), resume)
+    if init_from:  # exists and is a flow, before any data loads (the network is compared below)
+        model_dirs.read_config(Path(init_from), KIND)
     training = training.resolved(arch.arch)
     extra = [load_npz_dataset(f) for f in extra_train]  # checked before the (slower) dataset load
     train_ds = load_dataset(data, "train", data_dir)
@@ -297,11 +330,13 @@ def train(arch: FlowArchitecture, training: FlowTraining, *, out, data: str = "m
     if extra:
         train_ds = concat_datasets(train_ds, [load_npz_dataset(f, train_ds.num_classes) for f in extra_train])
     config = flow_config(arch, training, train_ds.image_shape, train_ds.num_classes)
+    init_params, init_info = warm_start_params(init_from, config) if init_from else (None, {})
     steps_per_epoch = len(train_ds) // max(training.batch_size, 1)
     steps = training.steps if training.steps is not None else training.epochs * steps_per_epoch
     epochs = training.epochs if training.steps is None else -(-steps // max(steps_per_epoch, 1))
     spec = build_spec(config, train_ds, training.lr, steps, training.seed, augment_shift=training.augment_shift,
-                      optimizer=training.optimizer, mean_lr_factor=training.mean_lr_factor, clip=training.clip)
+                      optimizer=training.optimizer, mean_lr_factor=training.mean_lr_factor, clip=training.clip,
+                      init_params=init_params, info=init_info)
     t0 = time.perf_counter()
     _, metrics = fit(
         spec, train_ds, test, out, epochs=epochs, batch_size=training.batch_size, seed=training.seed,
