@@ -51,7 +51,7 @@ def test_latent_step_geometry_against_numpy():
         np.testing.assert_allclose(np.linalg.norm(zc - mu[p_]), np.linalg.norm(zc - mu[q]), rtol=1e-4)
     assert float(a[5]) == 0.0 and np.allclose(np.asarray(z_cf[5]), z[5], atol=1e-6)
     # The step rules as functions of alpha0.
-    for rule, f in [("paper", lambda t: t + 0.8 * (1 - t)), ("code", lambda t: 0.8 + 0.5 * t), ("full", lambda t: np.ones_like(t))]:
+    for rule, f in [("paper", lambda t: t + 0.8 * (1 - t)), ("code", lambda t: 0.8 + 0.5 * t), ("beyond", lambda t: 1.0 + 0.5 * t), ("full", lambda t: np.ones_like(t))]:
         _, a0r, ar = ecinn.latent_step(lp, jnp.asarray(means, jnp.float32), jnp.asarray(z, jnp.float32), jnp.asarray(src), jnp.asarray(tgt), step=rule)
         np.testing.assert_allclose(np.asarray(ar[:5]), f(np.asarray(a0r[:5])), rtol=1e-5)
 
