@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="cfjax flow model directory")
     p.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared/data/ecinn_reference"))
-    p.add_argument("--step", default="beyond")
+    p.add_argument("--step", default="code")
     p.add_argument("--refine", type=int, default=2, help="refinement rounds (default 2, the CLI default)")
     p.add_argument("--direction", default="predicted_means")
     p.add_argument("--judge-cache", default=str(Path.home() / ".cache/cfjax/judges_mnist9k.npz"))

@@ -36,7 +36,8 @@ STEP_RULES: dict[str, Callable[[jax.Array], jax.Array]] = {
     # The authors' public code.
     "code": lambda a0: 0.8 + 0.5 * a0,
     # The authors' rule moved 0.2 further along D_pq (past the target mean by half the boundary
-    # step): the judges of other model families agree more (README, "Which differences mattered").
+    # step): the judges of other model families agree more, but a few decodes diverge (README,
+    # "Which differences mattered").
     "beyond": lambda a0: 1.0 + 0.5 * a0,
     # Full class-mean translation.
     "full": lambda a0: jnp.ones_like(a0),

@@ -37,7 +37,7 @@ from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_b
 
 # The defaults of the CLI and of cfjax.Explainer: the authors' code rule with 2 refinement
 # rounds (README compares the rules); the pure method's own defaults are the paper's.
-DEFAULT_STEP = "beyond"
+DEFAULT_STEP = "code"
 DEFAULT_REFINE = 2
 DEFAULT_DIRECTION = "predicted_means"
 
