@@ -25,7 +25,7 @@ class Explainer:
     """ECINN counterfactual explainer around a trained flow classifier."""
 
     def __init__(self, params: dict, config, info: dict | None = None, step=None, direction: str = "predicted_means", refine: int | None = None):
-        """``step`` / ``refine`` default to the CLI's (``code`` with 2 refinement rounds);
+        """``step`` / ``refine`` default to the CLI's (``adaptive`` with 2 refinement rounds);
         ``step="paper", refine=0`` is the paper's exact two-pass method."""
         from cfjax.methods.ecinn import check_options, parse_step
         from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP

@@ -2,7 +2,7 @@
 judges of other model families (cfjax.models.judges) that no explained model shaped.
 
     python examples/ecinn_reference.py --model DIR [--reference ../shared/data/ecinn_reference]
-        [--step code --refine 2 --direction predicted_means] [--json out.json] [--png pairs.png]
+        [--step adaptive --refine 2 --direction predicted_means] [--json out.json] [--png pairs.png]
 
 Data policy (the reference README's held-out rule): the judges train on mnist5k's train split plus
 MNIST test images 0-4999, the same 9,000 images as the shipped flow; every number below is on MNIST
@@ -31,6 +31,7 @@ from cfjax.data import load_dataset
 from cfjax.explainer import Explainer
 from cfjax.models import judges
 from cfjax.pipelines import study
+from cfjax.pipelines.explain_ecinn import DEFAULT_STEP
 
 HELD_OUT = slice(5000, 10000)
 
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="cfjax flow model directory")
     p.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared/data/ecinn_reference"))
-    p.add_argument("--step", default="code")
+    p.add_argument("--step", default=DEFAULT_STEP, help=f"step rule (default {DEFAULT_STEP}, the CLI default)")
     p.add_argument("--refine", type=int, default=2, help="refinement rounds (default 2, the CLI default)")
     p.add_argument("--direction", default="predicted_means")
     p.add_argument("--judge-cache", default=str(Path.home() / ".cache/cfjax/judges_mnist9k.npz"))

@@ -1,7 +1,7 @@
 """``cfjax explain ecinn|disc``: flags -> Queries, Output and the method's settings -> the explain pipelines.
 
     cfjax explain ecinn [--model DIR] --data mnist5k --split test --limit N --target next|K \\
-        --out CF.npz [--png GRID.png] [--step beyond|code|paper|full|...] [--refine R] [--direction predicted_means|mu]
+        --out CF.npz [--png GRID.png] [--step adaptive|code|beyond|paper|full|...] [--refine R] [--direction predicted_means|mu]
     cfjax explain disc [--model DIR] --data mnist5k --split test --limit N --target next|K \\
         --out CF.npz [--png GRID.png] [--steps S] [--prior pixels|dip|inr] [--manifold duq|none] \\
         [--duq DIR] [--bn-weight W] [--progressive|--no-progressive] [--batch-size B] [--seed S]
@@ -38,13 +38,13 @@ def _check_step(text: str) -> None:
 
 
 def add_ecinn(p: argparse.ArgumentParser) -> None:
-    from cfjax.methods.ecinn import DIRECTIONS, STEP_RULES
+    from cfjax.methods.ecinn import DIRECTIONS, STEP_NAMES
     from cfjax.pipelines.explain_ecinn import DEFAULT_DIRECTION, DEFAULT_REFINE, DEFAULT_STEP
 
     add_explain(p)
     p.add_argument("--step", type=checked(_check_step, "step"), default=DEFAULT_STEP,
-                   help=f"alpha as a function of the boundary step alpha0: one of {', '.join(STEP_RULES)} "
-                        f"(cfjax.methods.ecinn.STEP_RULES gives each formula) or a number (default {DEFAULT_STEP})")
+                   help=f"alpha as a function of the boundary step alpha0: one of {', '.join(STEP_NAMES)} "
+                        f"(cfjax.methods.ecinn.STEP_RULES gives each formula; adaptive: the farthest of code+0.4, beyond, code whose decode stays in the pixel range) or a number (default {DEFAULT_STEP})")
     p.add_argument("--refine", type=NON_NEGATIVE_INT, default=DEFAULT_REFINE, help=f"validity refinement rounds for counterfactuals that clipping to [0, 1] turned back (default {DEFAULT_REFINE}; 0 with --step paper is the paper's exact two-pass method)")
     p.add_argument("--direction", default=DEFAULT_DIRECTION, choices=DIRECTIONS,
                    help=f"translation direction: predicted_means (m_q - m_p, mean latents of the training images predicted as each class; the paper) or mu (learned means) (default {DEFAULT_DIRECTION})")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfjax.batching import map_chunks
 from cfjax.validation import non_negative_int, positive_int, validate_images, validate_targets
 from cfjax.errors import CfjaxError
 from cfjax.methods import ecinn
@@ -32,12 +33,13 @@ from cfjax.pipelines.explain_common import (
     save_npz_atomic,
     wants_shards,
 )
-from cfjax.pipelines.progress import progress_bar
+from cfjax.pipelines.progress import progress_bar, reporter
 from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_batch
 
-# The defaults of the CLI and of cfjax.Explainer: the authors' code rule with 2 refinement
+# The defaults of the CLI and of cfjax.Explainer: the adaptive search rule (the authors' code rule
+# extended where the decode stays in the pixel range) with 2 refinement
 # rounds (README compares the rules); the pure method's own defaults are the paper's.
-DEFAULT_STEP = "code"
+DEFAULT_STEP = "adaptive"
 DEFAULT_REFINE = 2
 DEFAULT_DIRECTION = "predicted_means"
 
@@ -98,22 +100,14 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
     mesh = batch_mesh(devices)
     bs = round_batch(batch_size if pad_batch else min(batch_size, n), mesh)
     params = replicate(params, mesh)
-    outs = []
+    tk = per_query if per_query is not None else np.full(n, k, np.int32)
+
+    def chunk(xb, tb):  # padded to the compiled (and evenly shardable) shape by map_chunks
+        return explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tb, mesh), step, direction, refine)
+
     with progress_bar(n, "explain ecinn", disable=quiet or n <= bs) as bar:
         bar.update(0, phase="compiling")  # the first batch compiles: say so rather than sit at 0
-        for i in range(0, n, bs):
-            xb = x[i : i + bs]
-            m = len(xb)
-            tk = per_query[i : i + bs] if per_query is not None else np.full(m, k, np.int32)
-            if m < bs:  # pad to the compiled (and evenly shardable) shape
-                xb = np.concatenate([xb, np.repeat(xb[-1:], bs - m, 0)])
-                tk = np.concatenate([tk, np.repeat(tk[-1:], bs - m, 0)])
-            out = explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tk, mesh), step, direction, refine)
-            outs.append({kk: np.asarray(v)[:m] for kk, v in out.items()})
-            bar.update(i + m, phase="running")
-            if on_batch is not None:
-                on_batch(m)
-    res = {kk: np.concatenate([o[kk] for o in outs]) for kk in outs[0]}
+        res = map_chunks(chunk, (x, tk), bs, on_chunk=reporter(bar, on_batch, phase="running"))
     for kk in ("y_pred", "y_target", "y_cf_pred"):
         res[kk] = res[kk].astype(np.int32)
     return res
