@@ -101,6 +101,20 @@ def write_model_info(model_dir, kind: str, config: dict, **extra) -> None:
     write_json_atomic(Path(model_dir) / MODEL_FILE, info)
 
 
+# Settings keys renamed since files were first written: old name -> the name in use. Files keep
+# what they were written with; readers see the current names (so --resume of an older run works).
+RENAMED_KEYS = {"bn_first_layer_weight": "first_bn_weight", "first_bn_multiplier": "first_bn_weight"}
+
+
+def current_keys(obj):
+    """``obj`` (JSON data) with every dict key of :data:`RENAMED_KEYS` under its current name."""
+    if isinstance(obj, dict):
+        return {RENAMED_KEYS.get(k, k): current_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [current_keys(v) for v in obj]
+    return obj
+
+
 def read_model_info(model_dir, expected_kind: str | None = None) -> dict:
     """Read ``cfjax_model.json``; CheckpointError if the directory is missing, foreign or corrupt."""
     model_dir = Path(model_dir)
@@ -121,7 +135,7 @@ def read_model_info(model_dir, expected_kind: str | None = None) -> dict:
         raise CheckpointError(
             f"{model_dir} holds a {info['kind']!r} model, but a {expected_kind!r} model is needed here"
         )
-    return info
+    return current_keys(info)
 
 
 def save_checkpoint(model_dir, step: int, state: Any, meta: dict | None = None, max_to_keep: int | None = 2) -> None:

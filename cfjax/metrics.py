@@ -95,21 +95,15 @@ def batched_apply(fn: Callable, x, batch_size: int | None = 256):
     Returns the concatenated NumPy output (a pytree of arrays with leading axis N). Use it to
     bound memory when ``fn`` is a model; ``batch_size=None`` runs one call.
     """
+    from cfjax.batching import map_chunks
+
     x = np.asarray(x)
     n = x.shape[0]
     if n == 0:
         raise CfjaxError("cannot apply a model to an empty batch")
     if batch_size is None or batch_size >= n:
         return jax.tree_util.tree_map(np.asarray, fn(jnp.asarray(x)))
-    positive_int(batch_size, "batch_size")
-    outs = []
-    for i in range(0, n, batch_size):
-        xb = x[i : i + batch_size]
-        m = xb.shape[0]
-        if m < batch_size:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - m, 0)])
-        outs.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], fn(jnp.asarray(xb))))
-    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+    return map_chunks(lambda xb: fn(jnp.asarray(xb)), (x,), batch_size)
 
 
 # --------------------------------------------------------------------------------------------

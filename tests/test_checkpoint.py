@@ -119,3 +119,10 @@ def test_load_weights_reads_only_the_named_items(tmp_path):
         ckpt.load_weights(tmp_path, {"params": params, "batch_stats": {}})
     with pytest.raises(CheckpointError, match="architecture"):
         ckpt.load_weights(tmp_path, {"params": {"w": jax.ShapeDtypeStruct((3, 3), jnp.float32)}})
+
+
+def test_renamed_settings_keys_read_under_their_current_name(tmp_path):
+    (tmp_path / ckpt.MODEL_FILE).write_text(json.dumps({"kind": "duq", "config": {}, "synthesis": {"inversion": {"first_bn_multiplier": 7.0, "lr": 0.2}}}))
+    info = ckpt.read_model_info(tmp_path)
+    assert info["synthesis"]["inversion"] == {"first_bn_weight": 7.0, "lr": 0.2}
+    assert ckpt.current_keys([{"bn_first_layer_weight": 1}, 2]) == [{"first_bn_weight": 1}, 2]

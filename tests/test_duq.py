@@ -236,7 +236,7 @@ def test_inversion_bn_term_is_batch_statistics_with_first_layer_weight():
     rng = np.random.default_rng(0)
     v = {**v, "batch_stats": jax.tree_util.tree_map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), jnp.float32), v["batch_stats"])}
     x = jnp.asarray(rng.uniform(size=(5, 28, 28, 1)).astype(np.float32))
-    cfg = syn.InversionConfig(first_bn_multiplier=7.0)
+    cfg = syn.InversionConfig(first_bn_weight=7.0)
     _, aux = syn.inversion_loss(classifier_apply(CLF), v, cfg, x, jnp.zeros(5, jnp.int32))
     cap = disc.capture(classifier_apply(CLF), v, x, feature_layer=None)
     assert len(cap.bn_inputs) == 5

@@ -174,6 +174,11 @@ def test_disc_shards_equal_one_file_and_resume(tmp_path, monkeypatch):
     with pytest.raises(Crash):
         main([*DISC, "--out", str(d), "--shards", "--shard-size", "4"])
     monkeypatch.undo()
+    # A directory written before the first-BN weight had its current name still resumes.
+    mp = d / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["settings"]["disc"]["bn_first_layer_weight"] = m["settings"]["disc"].pop("first_bn_weight")
+    mp.write_text(json.dumps(m))
     assert main([*DISC, "--out", str(d), "--shards", "--shard-size", "4", "--resume"]) == 0
     got = sh.load_shards(d)
     with np.load(one) as f:

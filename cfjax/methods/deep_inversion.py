@@ -7,7 +7,7 @@ A batch of images is optimised with Adam on
   + bn_weight * sum_l w_l (||mu_l(x) - mu_l||_2 + ||var_l(x) - var_l||_2)
                                                         per-batch statistics of every BatchNorm
                                                         layer's input match its running statistics
-                                                        (w_1 = first_bn_multiplier, other w_l = 1)
+                                                        (w_1 = first_bn_weight, other w_l = 1)
   + tv_weight * TV(x) + l2_weight * mean(x^2)           image priors
 
 with a random shift of up to ``jitter`` pixels per step and a projection onto [0, 1] after every
@@ -91,14 +91,14 @@ def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
 @dataclass(frozen=True)
 class InversionConfig:
     """DeepInversion's settings: Adam ``steps`` at ``lr`` (cosine decay); the weights of the
-    BatchNorm-statistics term (``bn_weight``, first layer x ``first_bn_multiplier``), total
+    BatchNorm-statistics term (``bn_weight``, first layer x ``first_bn_weight``), total
     variation and l2 prior; a random shift of up to ``jitter`` pixels per step; the starting
     noise N(init_mean, init_std^2) clipped to [0, 1]."""
 
     steps: int = 100
     lr: float = 0.2
     bn_weight: float = 1.0
-    first_bn_multiplier: float = 10.0
+    first_bn_weight: float = 10.0
     tv_weight: float = 0.1
     l2_weight: float = 0.0
     jitter: int = 1
@@ -110,7 +110,7 @@ class InversionConfig:
         positive_int(self.unroll, "inversion unroll")
         positive_int(self.steps, "inversion steps")
         positive_float(self.lr, "inversion lr")
-        for name in ("bn_weight", "first_bn_multiplier", "tv_weight", "l2_weight"):
+        for name in ("bn_weight", "first_bn_weight", "tv_weight", "l2_weight"):
             non_negative_float(getattr(self, name), f"inversion {name}")
         non_negative_int(self.jitter, "inversion jitter")
 
@@ -122,7 +122,7 @@ def inversion_loss(apply_fn: Callable, variables, cfg: InversionConfig, x: jax.A
         raise CfjaxError("DeepInversion needs a classifier with BatchNorm layers; this model has none (e.g. an MLP)")
     logits = cap.logits
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, "batch", cfg.first_bn_multiplier)
+    bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, "batch", cfg.first_bn_weight)
     tv = jnp.mean(total_variation(x, norm="l1", diagonals=False))
     l2 = jnp.mean(x**2)
     loss = ce + cfg.bn_weight * bn + cfg.tv_weight * tv + cfg.l2_weight * l2

@@ -165,14 +165,14 @@ class DISCConfig:
     coarse_to_fine: bool = False
     margin: float = 0.2
     bn_convention: str = "image"
-    bn_first_layer_weight: float = 10.0
+    first_bn_weight: float = 10.0
     feature_layer: str = "penultimate"
     mc_mode: str = "nll"
     seed: int = 0
 
     def __post_init__(self):
         for f in fields(self):
-            if f.name.startswith("lambda_") or f.name == "bn_first_layer_weight":
+            if f.name.startswith("lambda_") or f.name == "first_bn_weight":
                 v = getattr(self, f.name)
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                     raise CfjaxError(f"DISC weight {f.name} must be a finite number >= 0, got {v!r}", argument=f.name)
@@ -257,7 +257,7 @@ def _image_objective(x, xq, fq, t, target_prob, variables, duq_variables, spec: 
         per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, xq, 1)
     total = 0.0
     if spec.use_bn:
-        bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.bn_first_layer_weight)
+        bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.first_bn_weight)
         if cfg.bn_convention == "image":
             per_ex = per_ex + cfg.lambda_bn * bn
         else:

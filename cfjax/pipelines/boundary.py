@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cfjax.batching import map_chunks
 from cfjax.errors import CfjaxError
 from cfjax.validation import positive_int
 
@@ -159,14 +160,7 @@ def agreement(params: dict, x: Array, y_model: Array) -> Array:
 
 def _predict(logits_fn: Callable, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     f = jax.jit(lambda z: jnp.argmax(logits_fn(z), -1))
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        m = len(xb)
-        if m < batch_size and len(x) > batch_size:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - m, 0)])
-        out.append(np.asarray(f(jnp.asarray(xb)))[:m])
-    return np.concatenate(out).astype(np.int32)
+    return map_chunks(lambda xb: f(jnp.asarray(xb)), (x,), batch_size, pad=len(x) > batch_size).astype(np.int32)
 
 
 def perturbation_sets(logits_fn: Callable, x: np.ndarray, x_cf: np.ndarray, y_target: np.ndarray, seed: int = 0,
@@ -182,10 +176,7 @@ def perturbation_sets(logits_fn: Callable, x: np.ndarray, x_cf: np.ndarray, y_ta
     budget = np.asarray(_l2(jnp.asarray(x_cf - x)))
     rnd = np.asarray(random_perturbation(jax.random.PRNGKey(seed), jnp.asarray(x), jnp.asarray(budget)))
     pgd = jax.jit(lambda a, t, b: pgd_l2(logits_fn, a, t, b, pgd_steps))
-    adv = np.concatenate([
-        np.asarray(pgd(jnp.asarray(x[i : i + batch_size]), jnp.asarray(y_target[i : i + batch_size]), jnp.asarray(budget[i : i + batch_size])))
-        for i in range(0, len(x), batch_size)
-    ])
+    adv = map_chunks(lambda a, t, b: pgd(jnp.asarray(a), jnp.asarray(t), jnp.asarray(b)), (x, y_target, budget), batch_size, pad=False)
     return {"counterfactual": x_cf, "random": rnd, "adversarial": adv}
 
 

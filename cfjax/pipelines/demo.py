@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfjax.batching import map_chunks
 from cfjax.data import load_dataset
 from cfjax.errors import CfjaxError
 from cfjax.checkpoint import write_json_atomic
@@ -77,7 +78,7 @@ def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=No
 
     # Accuracy of the shipped model on the whole test split.
     probs_fn = jax.jit(lambda x: fc.predict_proba(params, config, x))
-    y_hat = np.concatenate([np.asarray(jnp.argmax(probs_fn(jnp.asarray(test.images[i : i + 500])), -1)) for i in range(0, len(test), 500)])
+    y_hat = map_chunks(lambda xb: jnp.argmax(probs_fn(jnp.asarray(xb)), -1), (test.images,), 500, pad=False)
     accuracy = float(np.mean(y_hat == test.labels))
 
     # Validity matrix: per_class queries of each true class, each explained towards every other class.

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfjax.batching import map_chunks
 from cfjax.validation import positive_int, validate_images, validate_targets
 from cfjax.errors import CfjaxError
 from cfjax.methods import disc
@@ -34,7 +35,7 @@ from cfjax.pipelines.explain_common import (
     targets_for,
     wants_shards,
 )
-from cfjax.pipelines.progress import progress_bar
+from cfjax.pipelines.progress import progress_bar, reporter
 from cfjax.pipelines.sharding import batch_mesh, mesh_size, replicate, round_batch, shard_batch
 
 MANIFOLDS = ("duq", "none")
@@ -58,7 +59,7 @@ def duq_from_dir(model_dir) -> tuple:
 
 def predict_proba_batched(apply_fn, variables, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Classifier probabilities (N, C) of images (N, H, W, C), in chunks."""
-    return np.concatenate([np.asarray(disc.predict_proba(apply_fn, variables, x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+    return map_chunks(lambda xb: disc.predict_proba(apply_fn, variables, xb), (x,), batch_size, pad=False)
 
 
 def explain_arrays(
@@ -100,23 +101,15 @@ def explain_arrays(
     variables = replicate(variables, mesh)
     if duq is not None:
         duq = (duq[0], replicate(duq[1], mesh))
-    outs = []
+
+    def chunk(xb, tb, kb):
+        cm = mesh if len(xb) % mesh_size(mesh) == 0 else None  # an unpadded joint batch may not split evenly
+        out = disc.generate(apply_fn, variables, shard_batch(xb, cm), shard_batch(tb, cm), config, duq=duq, key=shard_batch(kb, cm))
+        return {k: v for k, v in out.items() if k != "probs_cf"}
+
     with progress_bar(n, "explain disc", disable=quiet) as bar:
-        for i in range(0, n, bs):
-            xb, tb, kb = x[i : i + bs], np.asarray(targets[i : i + bs], np.int32), keys[i : i + bs]
-            m = len(xb)
-            if m < bs and pad_ok:  # pad to the compiled shape
-                xb = np.concatenate([xb, np.repeat(xb[-1:], bs - m, 0)])
-                tb = np.concatenate([tb, np.repeat(tb[-1:], bs - m, 0)])
-                kb = jnp.concatenate([kb, jnp.repeat(kb[-1:], bs - m, 0)])
-            cm = mesh if len(xb) % mesh_size(mesh) == 0 else None  # an unpadded joint batch may not split evenly
-            out = disc.generate(apply_fn, variables, shard_batch(xb, cm), shard_batch(tb, cm), config, duq=duq, key=shard_batch(kb, cm))
-            out = {k: np.asarray(v) for k, v in out.items() if k != "probs_cf"}
-            outs.append({k: (v[:, :m] if k in ("trajectory", "stage_success") else v[:m]) for k, v in out.items()})
-            bar.update(i + m)
-            if on_batch is not None:
-                on_batch(m)
-    res = {k: np.concatenate([o[k] for o in outs], axis=1 if k in ("trajectory", "stage_success") else 0) for k in outs[0]}
+        res = map_chunks(chunk, (x, np.asarray(targets, np.int32), keys), bs, pad=pad_ok,
+                         axis1=("trajectory", "stage_success"), on_chunk=reporter(bar, on_batch))
     for k in ("y_pred", "y_target", "y_cf_pred"):
         res[k] = res[k].astype(np.int32)
     return res

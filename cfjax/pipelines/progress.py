@@ -77,3 +77,15 @@ def progress_bar(total: int, description: str, disable: bool = False):
             yield bar
     else:
         yield bar
+
+
+def reporter(bar, on_batch=None, **fields):
+    """An ``on_chunk(done, m)`` for :func:`cfjax.batching.map_chunks`: moves ``bar`` to ``done``
+    (with ``fields``) and passes each chunk's size m on to ``on_batch``."""
+
+    def on_chunk(done: int, m: int) -> None:
+        bar.update(done, **fields)
+        if on_batch is not None:
+            on_batch(m)
+
+    return on_chunk

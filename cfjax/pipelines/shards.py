@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from cfjax.checkpoint import current_keys
 from cfjax.errors import CfjaxError
 
 FORMAT = "cfjax-shards/1"
@@ -81,7 +82,7 @@ def _read_json(path: Path) -> dict:
         raise CfjaxError(f"{path} is not a readable manifest ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CfjaxError(f"{path} is not a cfjax shard manifest (format {obj.get('format') if isinstance(obj, dict) else None!r}, expected {FORMAT!r})")
-    return obj
+    return current_keys(obj)
 
 
 def _manifest_files(out_dir: Path) -> list[Path]:

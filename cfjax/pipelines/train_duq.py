@@ -31,6 +31,7 @@ import optax
 
 from cfjax import checkpoint as ckpt
 from cfjax import model_dirs
+from cfjax.batching import map_chunks
 from cfjax.data import Dataset, load_dataset
 from cfjax.errors import CfjaxError
 from cfjax.models.duq import DUQConfig, duq_kernel, duq_loss, init_duq, update_centroids
@@ -67,9 +68,7 @@ def _kernel_batch(variables, config: DUQConfig, x):
 
 def duq_kernel_batched(variables: dict, config: DUQConfig, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """K (N, C) for many images, in compiled batches."""
-    return np.concatenate(
-        [np.asarray(_kernel_batch(variables, config, jnp.asarray(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)]
-    )
+    return map_chunks(lambda xb: _kernel_batch(variables, config, jnp.asarray(xb)), (images,), batch_size, pad=False)
 
 
 def evaluate_duq(variables: dict, config: DUQConfig, data: Dataset) -> dict:
