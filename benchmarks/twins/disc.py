@@ -115,7 +115,7 @@ def objective(model: TwinCNN, cfg, x, xq, target):
             m_run, v_run = model.bn[i][0], model.bn[i][1]
             mu = h.mean((2, 3))
             var = ((h - mu[:, :, None, None]) ** 2).mean((2, 3))
-            wgt = cfg.bn_first_layer_weight if i == 0 else 1.0
+            wgt = cfg.first_bn_weight if i == 0 else 1.0
             bn = bn + wgt * (_safe_norm(mu - m_run) + _safe_norm(var - v_run))
         per_ex = per_ex + cfg.lambda_bn * bn
     return per_ex, torch.softmax(logits, -1)
