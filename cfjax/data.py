@@ -50,7 +50,7 @@ class Dataset:
     num_classes: int
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.images.shape[1:])
 
     def __len__(self) -> int:

@@ -29,6 +29,11 @@ def test_ruff_passes():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_type_checker_passes():
+    p = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 def test_no_function_over_80_lines():
     long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path, tree in _modules() for node in ast.walk(tree)

@@ -33,8 +33,8 @@ class Capture(NamedTuple):
 
 
 def _bn_features_last(module: nn.BatchNorm, h: jax.Array) -> jax.Array:
-    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axes = tuple(int(a) % h.ndim for a in axes)
+    given = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axes = tuple(int(a) % h.ndim for a in given)
     if 0 in axes:
         raise CfjaxError("a BatchNorm layer normalises over the batch axis 0: cfjax expects batch-first inputs")
     rest = [a for a in range(h.ndim) if a not in axes]
@@ -120,7 +120,7 @@ def bn_statistics_loss(
     """
     if convention not in BN_CONVENTIONS:
         raise CfjaxError(f"unknown BatchNorm convention {convention!r}: choose one of {', '.join(BN_CONVENTIONS)}")
-    total = 0.0
+    total: jax.Array | float = 0.0
     for i, (h, (m_run, v_run)) in enumerate(zip(bn_inputs, running_stats)):
         w = first_bn_weight if i == 0 else 1.0
         if convention == "batch":

@@ -36,7 +36,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import jax
 import jax.numpy as jnp
@@ -255,7 +255,7 @@ def _image_objective(x, xq, fq, t, target_prob, variables, duq_variables, spec: 
         per_ex = per_ex + cfg.lambda_l2 * l2_prior(x)
     if cfg.lambda_l1 > 0:
         per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, xq, 1)
-    total = 0.0
+    total: jax.Array | float = 0.0
     if spec.use_bn:
         bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.first_bn_weight)
         if cfg.bn_convention == "image":
@@ -441,7 +441,7 @@ def _start(cfg: DISCConfig, keys: jax.Array, xq: jax.Array) -> tuple:
     generator prior, fitted to the query first. Coarse-to-fine starts on a half-resolution grid."""
     prior = cfg.make_prior()
     if cfg.coarse_to_fine:
-        prior = dataclasses.replace(prior, factor=2)
+        prior = dataclasses.replace(cast(priors_lib.Pixels, prior), factor=2)  # coarse_to_fine: pixels only
     params, aux = _init_jit(keys, xq, prior)
     fit_mse = jnp.zeros((xq.shape[0],), xq.dtype)
     if prior.needs_fit and cfg.fit_steps > 0:

@@ -52,7 +52,7 @@ ARCHS = ("cnn", "resnet", "mlp")
 class ClassifierConfig:
     arch: str = "cnn"
     num_classes: int = 10
-    image_shape: tuple[int, int, int] = (28, 28, 1)
+    image_shape: tuple[int, ...] = (28, 28, 1)
     width: int = 32          # channels of the first conv (cnn, resnet)
     hidden: int = 128        # dense width (cnn head, mlp layers)
     depth: int = 2           # blocks per stage (resnet) / hidden layers (mlp)

@@ -57,7 +57,7 @@ from cfjax.models.classifier import max_pool_2x2
 @dataclass(frozen=True)
 class DUQConfig:
     num_classes: int = 10
-    image_shape: tuple[int, int, int] = (28, 28, 1)
+    image_shape: tuple[int, ...] = (28, 28, 1)
     width: int = 32               # channels of the first conv; the next two have 2 * width
     feature_dim: int = 128        # F
     embed_dim: int = 64           # E
@@ -135,7 +135,7 @@ def init_duq(key: jax.Array, config: DUQConfig) -> dict:
 
 def duq_features(variables: dict, config: DUQConfig, x: jax.Array) -> jax.Array:
     """f(x): (B, H, W, C) -> (B, F)."""
-    return _features_module(config).apply({"params": variables["params"]["features"]}, x)
+    return _features_module(config).apply({"params": variables["params"]["features"]}, x)  # type: ignore[return-value]
 
 
 def duq_embed(variables: dict, config: DUQConfig, x: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ class FlowClassifierConfig:
             raise CfjaxError(f"FlowClassifierConfig.logit_alpha must be in (0, 0.5), got {self.logit_alpha}")
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
         return tuple(self.glow.image_shape)
 
     @property
@@ -103,10 +104,10 @@ def init_flow_classifier(key: jax.Array, config: FlowClassifierConfig, x_init: j
     k_glow, k_lat = jax.random.split(key)
     u = to_flow_space(config, jnp.asarray(x_init, jnp.float32))[0]
     if is_ibinn(config):
-        glow = ibinn.init_ibinn(k_glow, config.glow)
+        glow = ibinn.init_ibinn(k_glow, cast(IBINNConfig, config.glow))
         glow = dict(glow, bn=_batch_stats(glow, config.glow, u))
     else:
-        glow = init_glow(k_glow, config.glow, u)
+        glow = init_glow(k_glow, cast(GlowConfig, config.glow), u)
     lat = latent_lib.init_latent(k_lat, config.latent, config.latent_dim)
     return {"glow": glow, "latent": lat, "class_means": jnp.array(lat["mu"])}
 
@@ -152,9 +153,9 @@ def encode(params: dict, config: FlowClassifierConfig, x: jax.Array) -> tuple[ja
     """x (B, H, W, C) in [0, 1] -> (z (B, D), log|det dz/dx| (B,)) (eval mode)."""
     u, ld_pre = to_flow_space(config, x)
     if is_ibinn(config):
-        z, logdet, _ = ibinn.ibinn_forward(params["glow"], config.glow, u)
+        z, logdet, _ = ibinn.ibinn_forward(params["glow"], cast(IBINNConfig, config.glow), u)
     else:
-        z, logdet = glow_forward(params["glow"], config.glow, u)
+        z, logdet = glow_forward(params["glow"], cast(GlowConfig, config.glow), u)
     return z, logdet + ld_pre
 
 
@@ -163,17 +164,17 @@ def encode_train(params: dict, config: FlowClassifierConfig, x: jax.Array, key: 
     applies dropout (keyed by ``key``); Glow is the same as :func:`encode`."""
     u, ld_pre = to_flow_space(config, x)
     if is_ibinn(config):
-        z, logdet, bn = ibinn.ibinn_forward(params["glow"], config.glow, u, train=True, key=key)
+        z, logdet, bn = ibinn.ibinn_forward(params["glow"], cast(IBINNConfig, config.glow), u, train=True, key=key)
         return z, logdet + ld_pre, dict(params["glow"], bn=bn)
-    z, logdet = glow_forward(params["glow"], config.glow, u)
+    z, logdet = glow_forward(params["glow"], cast(GlowConfig, config.glow), u)
     return z, logdet + ld_pre, params["glow"]
 
 
 def decode(params: dict, config: FlowClassifierConfig, z: jax.Array) -> jax.Array:
     """z (B, D) -> x (B, H, W, C), nominally in [0, 1] (not clipped)."""
     if is_ibinn(config):
-        return from_flow_space(config, ibinn.ibinn_inverse(params["glow"], config.glow, z))
-    return from_flow_space(config, glow_inverse(params["glow"], config.glow, z))
+        return from_flow_space(config, ibinn.ibinn_inverse(params["glow"], cast(IBINNConfig, config.glow), z))
+    return from_flow_space(config, glow_inverse(params["glow"], cast(GlowConfig, config.glow), z))
 
 
 def class_logits(params: dict, config: FlowClassifierConfig, x: jax.Array) -> jax.Array:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -431,7 +432,7 @@ def ibinn_forward(params: dict, config: IBINNConfig, x: jax.Array, *, train: boo
     mode = _Mode(config, train, key, dropout)
     net, bn = params["net"], params["bn"]
     x, logdet = reshape.haar_forward(x.astype(jnp.float32))
-    new_bn = {"high": [], "low": []}
+    new_bn: dict[str, Any] = {"high": [], "low": []}
     for name, n, dropout_rate in (("high", config.blocks_high, 0.0), ("low", config.blocks_low, config.dropout_low)):
         if name == "low":
             x, ld, new_bn["down"] = _down_forward(net["down"], bn["down"], x, mode)

@@ -37,7 +37,7 @@ from cfjax.errors import CfjaxError
 PRIORS = ("pixels", "dip", "inr")
 
 
-def _upsample(d: jax.Array, hw: tuple[int, int]) -> jax.Array:
+def _upsample(d: jax.Array, hw: tuple[int, ...]) -> jax.Array:
     """Bilinear resize of (h, w, C) to (H, W, C) (identity when the sizes already match)."""
     if d.shape[:2] == tuple(hw):
         return d
@@ -173,7 +173,7 @@ class INR:
 
     def render(self, params: Any, aux: dict) -> jax.Array:
         c = aux["channels"].shape[0]
-        return self._net(c).apply({"params": params}, fourier_features(aux["coords"], aux["B"]))
+        return self._net(c).apply({"params": params}, fourier_features(aux["coords"], aux["B"]))  # type: ignore[return-value]
 
 
 def fourier_features(coords: jax.Array, b: jax.Array) -> jax.Array:

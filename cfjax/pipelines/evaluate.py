@@ -169,13 +169,13 @@ def _heatmap_metrics(data: dict, model: LoadedModel, limit: int, steps: int, ig_
     def pad(a):
         return a if len(a) == bs else np.concatenate([a, np.repeat(a[-1:], bs - len(a), 0)])
 
-    attr = {k: [] for k in ("_gradient", "_gradient_x_input", "_integrated_gradients")}
+    attr: dict[str, list[np.ndarray]] = {k: [] for k in ("_gradient", "_gradient_x_input", "_integrated_gradients")}
     for i, j in chunks:
         out = attributions(model.params, pad(x[i:j]), pad(cls[i:j]))
         for k in attr:
             attr[k].append(np.asarray(out[k])[: j - i])
     maps.update({k: np.concatenate(v) for k, v in attr.items()})
-    res = {"heatmap_n": n}
+    res: dict[str, int | float] = {"heatmap_n": n}
     for name, h in maps.items():
         dels, ins = [], []
         for i, j in chunks:

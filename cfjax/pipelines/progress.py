@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
+from typing import Any
 
 
 class _Bar:
@@ -18,8 +19,8 @@ class _Bar:
         self.disable = disable
         self.done = 0
         self.fields: dict = {}
-        self._live = None
-        self._task = None
+        self._live: Any = None  # rich Progress / TaskID while a live bar is shown
+        self._task: Any = None
         self._t0 = time.perf_counter()
         self._last_print = -1
         self._start = 0

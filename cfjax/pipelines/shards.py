@@ -204,9 +204,9 @@ def _reopen(run: ShardRun, log) -> None:
                 run.done[e["index"]] = e
             else:
                 log(f"{e['file']}: {why or 'range differs from the plan'}; recomputing it")
-    own = {shard_name(k) for k in run.mine} | {run.manifest_path.name}
+    own_names = {shard_name(k) for k in run.mine} | {run.manifest_path.name}
     for tmp in out_dir.glob("*.tmp*"):  # a write of this process cut off by the kill
-        if tmp.name.split(".", 2)[0] + "." + tmp.name.split(".", 2)[1] in own:
+        if tmp.name.split(".", 2)[0] + "." + tmp.name.split(".", 2)[1] in own_names:
             tmp.unlink()
     left = len([k for k in run.mine if k not in run.done])
     log(f"resuming {out_dir}: {len(run.done)} shard(s) verified, {left} to compute")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from cfjax import metrics
@@ -40,7 +41,7 @@ def cached_autoencoders(images, labels, num_classes: int, name: str) -> dict:
     return params
 
 
-def _mean_ci(v: np.ndarray) -> dict:
+def _mean_ci(v: np.ndarray | jax.Array) -> dict:
     v = np.asarray(v, np.float64)
     h = 1.96 * float(np.std(v, ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
     m = float(np.mean(v))

@@ -23,7 +23,7 @@ from cfjax.validation import positive_int
 def synthesize(
     apply_fn: Callable,
     variables,
-    image_shape: tuple[int, int, int],
+    image_shape: tuple[int, ...],
     num_classes: int,
     num_images: int,
     *,

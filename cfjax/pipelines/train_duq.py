@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +212,7 @@ def train(config: DUQConfig, training: TrainingRecipe = DEFAULT_TRAINING, *, out
         ckpt.check_export_target(export)
     check_out_dir(Path(out), resume)  # before a long synthesis
     test = load_dataset(data, "test", data_dir)
-    info = {"source": source}
+    info: dict[str, Any] = {"source": source}
     if source == "data":
         train_ds = load_dataset(data, "train", data_dir)
     else:

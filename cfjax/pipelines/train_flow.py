@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def make_optimizer(lr: float, total_steps: int, mean_lr_factor: float = 10.0, cl
 
 # Per-architecture defaults of the training options that are left unset on the command line.
 # "ibinn" is the IB-INN / ECINN authors' MNIST recipe; "ibinn-small" the same with fewer blocks.
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "glow": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "beta": 8.0, "optimizer": "adam",
              "label_smoothing": 0.05, "train_prior": False, "mean_lr_factor": 10.0, "clip": 10.0},
     "ibinn": {"epochs": 60, "batch_size": 128, "lr": 0.07, "beta": 1.4265, "optimizer": "sgd",
@@ -168,7 +169,7 @@ def flow_config(arch: FlowArchitecture, training: FlowTraining, image_shape, num
     latent = LatentConfig(num_classes=num_classes, beta=training.beta, label_smoothing=training.label_smoothing,
                           train_prior=bool(training.train_prior))
     if arch.arch == "glow":
-        flow = GlowConfig(
+        flow: GlowConfig | IBINNConfig = GlowConfig(
             image_shape=tuple(image_shape),
             num_levels=arch.levels,
             steps_per_level=arch.steps_per_level,

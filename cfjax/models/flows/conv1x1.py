@@ -21,7 +21,7 @@ import scipy.linalg
 from jax.scipy.linalg import solve_triangular
 
 
-def key_rng(key: jax.Array) -> np.random.Generator:
+def key_rng(key: jax.Array | np.ndarray) -> np.random.Generator:
     """A NumPy generator seeded deterministically by a JAX PRNG key (raw uint32 or typed key).
 
     Initialisers draw their random numbers host-side: eager ``jax.random`` compiles a kernel per
@@ -32,7 +32,7 @@ def key_rng(key: jax.Array) -> np.random.Generator:
     return np.random.default_rng([int(v) for v in np.asarray(key, np.uint32).ravel()])
 
 
-def init(key: jax.Array, channels: int) -> dict:
+def init(key: jax.Array | np.ndarray, channels: int) -> dict:
     """A random rotation (QR of a Gaussian seeded by ``key``), stored in LU form."""
     c = int(channels)
     q, r = np.linalg.qr(key_rng(key).standard_normal((c, c)))

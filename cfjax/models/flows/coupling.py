@@ -35,7 +35,7 @@ def _he(rng: np.random.Generator, shape: tuple[int, ...]) -> jax.Array:
     return jnp.asarray(rng.standard_normal(shape) * math.sqrt(2.0 / fan_in), jnp.float32)
 
 
-def init(key: jax.Array, channels: int, hidden: int) -> dict:
+def init(key: jax.Array | np.ndarray, channels: int, hidden: int) -> dict:
     """Params for a coupling on ``channels`` channels with subnet width ``hidden`` (He-normal
     hidden convs, drawn host-side from a generator seeded by the concrete ``key``; zero last conv)."""
     c_a = channels // 2
