@@ -66,7 +66,7 @@ def flops_count(apply_fn, variables, cfg, b: int, image_shape) -> dict:
         params, aux = disc._init_jit(disc._example_keys(jax.random.key(0), b), x, prior)
         spec = disc._Spec(apply_fn, kw, None, prior, dataclasses.replace(cfg, seed=0, fit_steps=0, fit_lr=None), "ce",
                           int(cfg.steps), float(cfg.lr or prior.default_lr), cfg.lambda_bn > 0, False)
-        stage = roofline.jaxpr_flops(lambda p, a, xq, t: disc._stage_jit(p, a, xq, None, t, jnp.float32(1.0), variables, None, spec),
+        stage = roofline.jaxpr_flops(lambda p, a, xq, t: disc._stage_jit(p, disc.StageData(a, xq, None, t, jnp.float32(1.0), variables, None), spec),
                                      params, aux, x, t)
     except Exception as e:  # noqa: BLE001 - disc's private stage API changed: an estimate, marked as such
         est = dict(fwd)
@@ -107,7 +107,7 @@ def parity(n: int = 16, loaded=None, steps_checked: tuple = (1, 3)) -> dict:
     import jax
 
     x0 = jax.vmap(prior.render)(*jax.vmap(prior.init)(jax.random.split(jax.random.key(0), n), jnp.asarray(x)))
-    _, per_ex, _ = disc._image_objective(x0, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None, spec)
+    _, per_ex, _ = disc._image_objective(x0, disc.StageData(None, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None), spec)
     with torch.no_grad():
         per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.array(x0)).permute(0, 3, 1, 2), xt, tt)
     # relative to max(1, |loss|): float32 round-off of a sum of terms grows with the loss (the

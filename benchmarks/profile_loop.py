@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     params, aux = jax.vmap(prior.init)(jax.random.split(jax.random.key(0), b), x)
 
     def grad_step(p):
-        g = jax.vmap(lambda p1, a1, q1, t1: jax.grad(lambda pp: disc._loss_one(pp, a1, q1, None, t1, 1.0, variables, None, spec)[0])(p1))(p, aux, x, t)
+        g = jax.vmap(lambda p1, a1, q1, t1: jax.grad(lambda pp: disc._loss_one(pp, disc.StageData(a1, q1, None, t1, 1.0, variables, None), spec)[0])(p1))(p, aux, x, t)
         return p - 0.01 * g
 
     def rolled(p):

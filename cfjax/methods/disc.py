@@ -36,7 +36,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Callable, cast
+from typing import Any, Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -240,21 +240,38 @@ class _Spec:
     use_feat: bool
 
 
-def _image_objective(x, xq, fq, t, target_prob, variables, duq_variables, spec: _Spec):
+class StageData(NamedTuple):
+    """The arrays every stage of one :func:`generate` call reads (N queries; a pytree, so the
+    stage functions are vmapped and jitted over it as one argument).
+
+    aux: the prior's per-query data (leading axis N); xq (N, H, W, C) the queries; fq (N, F) their
+    classifier features or None; t (N,) the targets; target_prob () the stage's target
+    probability; variables: the classifier's; duq_variables: DUQ's or None."""
+
+    aux: Any
+    xq: jax.Array
+    fq: jax.Array | None
+    t: jax.Array
+    target_prob: jax.Array
+    variables: Any
+    duq_variables: Any
+
+
+def _image_objective(x, d: StageData, spec: _Spec):
     """Objective for rendered images x (N, H, W, C) -> (total (), per-example (N,), probs (N, C))."""
     cfg = spec.config
-    cap = capture(spec.apply_fn, variables, x, spec.apply_kwargs, cfg.feature_layer if spec.use_feat else None)
-    per_ex = cfg.lambda_cf * target_class_loss(cap.logits, t, spec.mode, target_prob)
+    cap = capture(spec.apply_fn, d.variables, x, spec.apply_kwargs, cfg.feature_layer if spec.use_feat else None)
+    per_ex = cfg.lambda_cf * target_class_loss(cap.logits, d.t, spec.mode, d.target_prob)
     if spec.use_feat:
-        per_ex = per_ex + cfg.lambda_feat * feature_proximity(cap.features, fq)
+        per_ex = per_ex + cfg.lambda_feat * feature_proximity(cap.features, d.fq)
     if spec.kernel_fn is not None and cfg.lambda_mc > 0:
-        per_ex = per_ex + cfg.lambda_mc * manifold_consistency(spec.kernel_fn(duq_variables, x), t, cfg.mc_mode, is_log=True)
+        per_ex = per_ex + cfg.lambda_mc * manifold_consistency(spec.kernel_fn(d.duq_variables, x), d.t, cfg.mc_mode, is_log=True)
     if cfg.lambda_tv > 0:
         per_ex = per_ex + cfg.lambda_tv * total_variation(x)
     if cfg.lambda_l2 > 0:
         per_ex = per_ex + cfg.lambda_l2 * l2_prior(x)
     if cfg.lambda_l1 > 0:
-        per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, xq, 1)
+        per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, d.xq, 1)
     total: jax.Array | float = 0.0
     if spec.use_bn:
         bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.first_bn_weight)
@@ -265,18 +282,18 @@ def _image_objective(x, xq, fq, t, target_prob, variables, duq_variables, spec: 
     return total + jnp.mean(per_ex), per_ex, jax.nn.softmax(cap.logits, -1)
 
 
-def _loss_one(params, aux, xq, fq, t, tp, variables, duq_variables, spec):
+def _loss_one(params, d: StageData, spec):
     """One example (no batch axis): the vmapped per-image path."""
-    x = spec.prior.render(params, aux)[None]
-    fq1 = None if fq is None else fq[None]
-    total, per_ex, probs = _image_objective(x, xq[None], fq1, t[None], tp, variables, duq_variables, spec)
+    x = spec.prior.render(params, d.aux)[None]
+    one = d._replace(xq=d.xq[None], fq=None if d.fq is None else d.fq[None], t=d.t[None])
+    total, per_ex, probs = _image_objective(x, one, spec)
     return total, (per_ex[0], probs[0], x[0])
 
 
-def _loss_batch(params, aux, xq, fq, t, tp, variables, duq_variables, spec):
+def _loss_batch(params, d: StageData, spec):
     """All examples jointly (BatchNorm statistics over the batch)."""
-    x = jax.vmap(spec.prior.render)(params, aux)
-    total, per_ex, probs = _image_objective(x, xq, fq, t, tp, variables, duq_variables, spec)
+    x = jax.vmap(spec.prior.render)(params, d.aux)
+    total, per_ex, probs = _image_objective(x, d, spec)
     return total, (per_ex, probs, x)
 
 
@@ -301,22 +318,22 @@ def _loss_fn(spec: _Spec):
     return _loss_one if spec.config.bn_convention == "image" else _loss_batch
 
 
-def _stage_begin(params, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
+def _stage_begin(params, d: StageData, spec: _Spec):
     """Carry (params, Adam state, best) at the start of a stage (one example or the batch)."""
-    _, (per0, _, x0) = _loss_fn(spec)(params, aux, xq, fq, t, tp, variables, duq_variables, spec)
+    _, (per0, _, x0) = _loss_fn(spec)(params, d, spec)
     best0 = (jnp.full(jnp.shape(per0), jnp.inf), x0, jnp.zeros(jnp.shape(per0), bool))
     return params, _make_tx(spec.config, spec.steps, spec.lr).init(params), best0
 
 
-def _stage_chunk(carry, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec, length: int):
+def _stage_chunk(carry, d: StageData, spec: _Spec, length: int):
     """``length`` Adam steps (a fully unrolled scan); the schedule continues from the Adam state."""
     loss_fn = _loss_fn(spec)
     tx = _make_tx(spec.config, spec.steps, spec.lr)
 
     def body(carry, _):
         p, s, best = carry
-        (_, (per_ex, probs, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, aux, xq, fq, t, tp, variables, duq_variables, spec)
-        best = _update_best(best, per_ex, probs, x, t, spec.config.margin)
+        (_, (per_ex, probs, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, d, spec)
+        best = _update_best(best, per_ex, probs, x, d.t, spec.config.margin)
         u, s = tx.update(g, s, p)
         return (optax.apply_updates(p, u), s, best), None
 
@@ -324,46 +341,47 @@ def _stage_chunk(carry, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spe
     return carry
 
 
-def _stage_end(carry, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
+def _stage_end(carry, d: StageData, spec: _Spec):
     """(params, best image, best found, last image, last probs) after the last step."""
     params, _, best = carry
-    _, (per_ex, probs, x) = _loss_fn(spec)(params, aux, xq, fq, t, tp, variables, duq_variables, spec)
-    best = _update_best(best, per_ex, probs, x, t, spec.config.margin)
+    _, (per_ex, probs, x) = _loss_fn(spec)(params, d, spec)
+    best = _update_best(best, per_ex, probs, x, d.t, spec.config.margin)
     return params, best[1], best[2], x, probs
 
 
-def _batched(fn, spec: _Spec, fq):
-    """vmap over examples (params or carry, aux, xq, fq, t) for the per-image BatchNorm
-    convention; the batch as is for the batch convention."""
+def _batched(fn, spec: _Spec, d: StageData):
+    """vmap over examples (params or carry, and the per-query fields of ``d``) for the per-image
+    BatchNorm convention; the batch as is for the batch convention."""
     if spec.config.bn_convention != "image":
         return fn
-    return jax.vmap(fn, in_axes=(0, 0, 0, None if fq is None else 0, 0, None, None, None))
+    # vmap axes per field, in field order: aux, xq, fq, t over queries; the rest shared
+    axes = StageData._make((0, 0, None if d.fq is None else 0, 0, None, None, None))
+    return jax.vmap(fn, in_axes=(0, axes))
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def _begin_jit(params, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
-    return _batched(partial(_stage_begin, spec=spec), spec, fq)(params, aux, xq, fq, t, tp, variables, duq_variables)
+def _begin_jit(params, d: StageData, spec: _Spec):
+    return _batched(partial(_stage_begin, spec=spec), spec, d)(params, d)
 
 
 @partial(jax.jit, static_argnames=("spec", "length"))
-def _chunk_jit(carry, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec, length: int):
-    return _batched(partial(_stage_chunk, spec=spec, length=length), spec, fq)(carry, aux, xq, fq, t, tp, variables, duq_variables)
+def _chunk_jit(carry, d: StageData, spec: _Spec, length: int):
+    return _batched(partial(_stage_chunk, spec=spec, length=length), spec, d)(carry, d)
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def _end_jit(carry, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
-    return _batched(partial(_stage_end, spec=spec), spec, fq)(carry, aux, xq, fq, t, tp, variables, duq_variables)
+def _end_jit(carry, d: StageData, spec: _Spec):
+    return _batched(partial(_stage_end, spec=spec), spec, d)(carry, d)
 
 
-def _stage_jit(params, aux, xq, fq, t, tp, variables, duq_variables, spec: _Spec):
+def _stage_jit(params, d: StageData, spec: _Spec):
     """One stage of ``spec.steps`` Adam steps over all examples: jitted chunks of :data:`UNROLL`
     unrolled steps driven from the host. Returns (params, best image, best found, last image,
     last probs), each with the batch axis first."""
-    args = (aux, xq, fq, t, tp, variables, duq_variables)
-    carry = _begin_jit(params, *args, spec=spec)
+    carry = _begin_jit(params, d, spec=spec)
     for n in chunk_lengths(spec.steps, UNROLL):
-        carry = _chunk_jit(carry, *args, spec=spec, length=n)
-    return _end_jit(carry, *args, spec=spec)
+        carry = _chunk_jit(carry, d, spec=spec, length=n)
+    return _end_jit(carry, d, spec=spec)
 
 
 @partial(jax.jit, static_argnames=("prior", "steps", "lr"))
@@ -522,7 +540,8 @@ def generate(
             prior = dataclasses.replace(prior, factor=1)
             params, aux = _refine_jit(params, aux, prior)
         spec = _Spec(apply_fn, kw, kernel_fn, prior, stage_cfg, mode, int(st), lr, use_bn, use_feat)
-        params, best_x, found, last_x, _ = _stage_jit(params, aux, xq, feats_q, t, jnp.float32(tp), variables, duq_vars, spec)
+        data = StageData(aux, xq, feats_q, t, jnp.float32(tp), variables, duq_vars)
+        params, best_x, found, last_x, _ = _stage_jit(params, data, spec)
         stage_x = jnp.where(_expand(found, best_x), best_x, last_x)
         traj.append(stage_x)
         found_all.append(found)
