@@ -26,9 +26,8 @@ def run(batch: int = 256, repeats: int = 7, log=print) -> dict:
     import jax.numpy as jnp
 
     from benchmarks import roofline
+    from benchmarks.bench_ecinn import cfjax_fn
     from cfjax.data import load_dataset
-    from cfjax.methods import ecinn
-    from cfjax.models import flow_classifier as fc
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
 
@@ -37,19 +36,10 @@ def run(batch: int = 256, repeats: int = 7, log=print) -> dict:
     images = load_dataset("mnist5k", "test").images
     x = jnp.asarray(np.resize(images, (batch, *images.shape[1:])).astype(np.float32))
 
-    def program(step, refine):
-        @jax.jit
-        def cf(params, x):
-            z, _ = fc.encode(params, config, x)
-            y = jnp.argmax(fc.latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
-            return ecinn.counterfactual_from_latent(params, config, z, y, (y + 1) % config.num_classes, step, "predicted_means", refine)
-
-        return cf
-
     fns, flops = {}, {}
     for step, refine in RULES:
         name = f"{step}, refine {refine}"
-        cf = program(step, refine)
+        cf = cfjax_fn(config, step, "predicted_means", refine)
         fns[name] = lambda cf=cf: jax.block_until_ready(cf(params, x))  # noqa: E731
         common.timed(fns[name])  # compile
         flops[name] = roofline.jaxpr_flops(cf, params, jnp.zeros_like(x))

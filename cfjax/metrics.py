@@ -99,11 +99,7 @@ def batched_apply(fn: Callable, x, batch_size: int | None = 256):
 
     x = np.asarray(x)
     n = x.shape[0]
-    if n == 0:
-        raise CfjaxError("cannot apply a model to an empty batch")
-    if batch_size is None or batch_size >= n:
-        return jax.tree_util.tree_map(np.asarray, fn(jnp.asarray(x)))
-    return map_chunks(lambda xb: fn(jnp.asarray(xb)), (x,), batch_size)
+    return map_chunks(lambda xb: fn(jnp.asarray(xb)), (x,), n if batch_size is None else min(batch_size, max(n, 1)))
 
 
 # --------------------------------------------------------------------------------------------

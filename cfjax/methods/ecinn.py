@@ -62,12 +62,17 @@ SEARCH_RULES: dict[str, tuple[tuple[Callable[[jax.Array], jax.Array], ...], floa
 DIRECTIONS = ("predicted_means", "mu")
 
 
+def is_search_rule(step) -> bool:
+    """Whether ``step`` names a :data:`SEARCH_RULES` entry (which needs the decoder)."""
+    return isinstance(step, str) and step in SEARCH_RULES
+
+
 def step_rule(step) -> Callable[[jax.Array], jax.Array]:
     """The alpha rule ``step`` names: a key of :data:`STEP_RULES`, a finite number (a constant
     alpha), a numeric string, or a function of alpha0. CfjaxError for anything else."""
     if callable(step):
         return step
-    if isinstance(step, str) and step in SEARCH_RULES:
+    if is_search_rule(step):
         raise CfjaxError(f"ECINN step {step!r} is a search rule: it needs the decoder (counterfactual_from_latent), not a formula")
     if isinstance(step, str) and step not in STEP_RULES:
         try:
@@ -94,7 +99,7 @@ def parse_step(step):
             step = float(step)
         except ValueError:
             pass
-    if not (isinstance(step, str) and step in SEARCH_RULES):
+    if not is_search_rule(step):
         step_rule(step)
     return step
 
@@ -124,7 +129,7 @@ def step_and_decode(params: dict, config: FlowClassifierConfig, z: jax.Array, so
     z (B, D), source/target (B,) -> (x_cf (B, H, W, C) clipped to [0, 1], z_cf (B, D), alpha0 (B,),
     alpha (B,)). A search rule decodes its K candidates in one batched call (K inverse passes).
     """
-    if not (isinstance(step, str) and step in SEARCH_RULES):
+    if not is_search_rule(step):
         z_cf, alpha0, alpha = latent_step(params["latent"], params["class_means"], z, source, target, step, direction)
         return jnp.clip(decode(params, config, z_cf), 0.0, 1.0), z_cf, alpha0, alpha
     rules, tolerance = SEARCH_RULES[step]
@@ -194,7 +199,7 @@ def counterfactual_from_latent(
     rule the rounds step by its last (shortest) candidate.
     """
     x_cf, z_cf, alpha0, alpha = step_and_decode(params, config, z, y_pred, target, step, direction)
-    round_step = SEARCH_RULES[step][0][-1] if isinstance(step, str) and step in SEARCH_RULES else step
+    round_step = SEARCH_RULES[step][0][-1] if is_search_rule(step) else step
     use_prior = config.latent.use_prior_at_test
 
     def round_(_, carry):
