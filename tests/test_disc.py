@@ -398,6 +398,31 @@ def test_vmap_equals_loop_and_batch_convention_differs(small_mnist_classifier):
     np.testing.assert_allclose(b1["x_cf"], ones[0]["x_cf"], atol=2e-4)
 
 
+def test_jitter_shift_is_deterministic_and_covers_the_window():
+    shifts = np.array([np.asarray(disc.jitter_shift(jnp.int32(s), 2)) for s in range(400)])
+    assert shifts.min() == -2 and shifts.max() == 2
+    assert len({tuple(r) for r in shifts}) == 25  # every (dy, dx) in {-2..2}^2 is drawn
+    np.testing.assert_array_equal(shifts[7], np.asarray(disc.jitter_shift(jnp.int32(7), 2)))
+
+
+def test_jitter_changes_the_optimisation_but_not_the_contract(small_mnist_classifier):
+    apply_fn, v, x = small_mnist_classifier
+    xq = x[8:12]
+    t = (np.argmax(apply_fn(v, xq), -1) + 1) % 10
+    plain = disc.generate(apply_fn, v, xq, t, _fast(steps=60))
+    jit1 = disc.generate(apply_fn, v, xq, t, _fast(steps=60, jitter=1))
+    assert np.abs(np.asarray(jit1["x_cf"]) - np.asarray(plain["x_cf"])).max() > 1e-3
+    # success and the reported classes are judged on x_cf itself, never on a shifted copy
+    pred = np.argmax(np.asarray(apply_fn(v, jit1["x_cf"])), -1)
+    np.testing.assert_array_equal(pred, jit1["y_cf_pred"])
+    p = np.asarray(jax.nn.softmax(apply_fn(v, jit1["x_cf"]), -1))
+    gap = p[np.arange(4), t] - np.max(np.where(np.eye(10)[t] > 0, -np.inf, p), -1)
+    np.testing.assert_array_equal(np.asarray(jit1["success"]), gap >= _fast().margin)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CfjaxError, match="jitter"):
+            disc.DISCConfig(jitter=bad)
+
+
 def test_manifold_term_pulls_towards_the_target_centroid():
     model, v = _tiny()
     centroids = jnp.asarray(RNG.uniform(size=(3, 6, 6, 1)), jnp.float32)

@@ -73,6 +73,7 @@ def add_disc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duq", default=None, help="DUQ model directory (default: the shipped one for --data)")
     p.add_argument("--bn-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_bn, help=f"weight of the BatchNorm-statistics term (default {d.lambda_bn}; 0 for a model without BatchNorm)")
     p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
+    p.add_argument("--jitter", type=NON_NEGATIVE_INT, default=d.jitter, help=f"translate the image the models see by up to this many pixels, drawn afresh each optimisation step (DeepInversion's jitter; default {d.jitter} = off)")
     p.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=d.progressive,
                    help=f"raise the target probability through {', '.join(map(str, d.stages))} with warm starts (default {'on' if d.progressive else 'off'})")
     add_shards(p, DEFAULT_SHARD_SIZE)
@@ -85,7 +86,7 @@ def disc_config(args):
     d = disc.DISCConfig()
     return d.replace(
         steps=args.steps, prior=args.prior, fit_steps=args.fit_steps, lr=args.lr, lambda_bn=args.bn_weight,
-        bn_convention=args.bn_convention, progressive=args.progressive, seed=args.seed,
+        bn_convention=args.bn_convention, progressive=args.progressive, jitter=args.jitter, seed=args.seed,
         lambda_mc=d.lambda_mc if args.manifold == "duq" else 0.0,
     )
 

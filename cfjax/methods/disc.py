@@ -141,7 +141,11 @@ class DISCConfig:
     instead of one cross-entropy stage; coarse_to_fine: (pixels prior) optimise
     at half resolution in the first stage (or first half) then at full resolution; margin:
     x_bar "reaches the target" when p(y') - max_{c != y'} p(c) >= margin; bn_convention: "image"
-    (per-example, vmapped) or "batch" (joint); feature_layer: see :func:`capture`.
+    (per-example, vmapped) or "batch" (joint); feature_layer: see :func:`capture`; jitter:
+    DeepInversion's random jitter, a translation of x_bar by up to ``jitter`` pixels in each
+    direction (circular, drawn per step, the same for the whole batch) before the classifier,
+    the BatchNorm term and DUQ see it at each optimisation step (0 = off): a change that only
+    works at one exact pixel position stops paying off, so the optimisation has to move strokes.
     """
 
     # Defaults chosen by examples/disc_ablation.py (see examples/results/disc_ablation.md).
@@ -168,6 +172,7 @@ class DISCConfig:
     first_bn_weight: float = 10.0
     feature_layer: str = "penultimate"
     mc_mode: str = "nll"
+    jitter: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -208,6 +213,8 @@ class DISCConfig:
             raise CfjaxError(f"DISC margin must be in [0, 1), got {self.margin!r}")
         if self.bn_convention not in BN_CONVENTIONS:
             raise CfjaxError(f"unknown bn_convention {self.bn_convention!r}: choose one of {', '.join(BN_CONVENTIONS)}")
+        if not isinstance(self.jitter, int) or isinstance(self.jitter, bool) or self.jitter < 0:
+            raise CfjaxError(f"DISC jitter must be an integer >= 0 (pixels), got {self.jitter!r}", argument="jitter")
         if self.mc_mode not in MC_MODES:
             raise CfjaxError(f"unknown mc_mode {self.mc_mode!r}: choose one of {', '.join(MC_MODES)}")
 
@@ -257,15 +264,26 @@ class StageData(NamedTuple):
     duq_variables: Any
 
 
-def _image_objective(x, d: StageData, spec: _Spec):
-    """Objective for rendered images x (N, H, W, C) -> (total (), per-example (N,), probs (N, C))."""
+def jitter_shift(step: jax.Array, jitter: int) -> jax.Array:
+    """The (dy, dx) int32 translation of optimisation step ``step`` (), uniform on
+    {-jitter, ..., jitter}^2 and a pure function of the step (deterministic)."""
+    key = jax.random.fold_in(jax.random.key(0x0D15C), step)
+    return jax.random.randint(key, (2,), -jitter, jitter + 1)
+
+
+def _image_objective(x, d: StageData, spec: _Spec, shift: jax.Array | None = None):
+    """Objective for rendered images x (N, H, W, C) -> (total (), per-example (N,), probs (N, C)).
+
+    ``shift`` (2,) int: the models (classifier, BatchNorm term, DUQ) see x rolled by it over
+    (H, W); the image priors and the proximity terms always see x itself."""
     cfg = spec.config
-    cap = capture(spec.apply_fn, d.variables, x, spec.apply_kwargs, cfg.feature_layer if spec.use_feat else None)
+    seen = x if shift is None else jnp.roll(x, shift, axis=(1, 2))
+    cap = capture(spec.apply_fn, d.variables, seen, spec.apply_kwargs, cfg.feature_layer if spec.use_feat else None)
     per_ex = cfg.lambda_cf * target_class_loss(cap.logits, d.t, spec.mode, d.target_prob)
     if spec.use_feat:
         per_ex = per_ex + cfg.lambda_feat * feature_proximity(cap.features, d.fq)
     if spec.kernel_fn is not None and cfg.lambda_mc > 0:
-        per_ex = per_ex + cfg.lambda_mc * manifold_consistency(spec.kernel_fn(d.duq_variables, x), d.t, cfg.mc_mode, is_log=True)
+        per_ex = per_ex + cfg.lambda_mc * manifold_consistency(spec.kernel_fn(d.duq_variables, seen), d.t, cfg.mc_mode, is_log=True)
     if cfg.lambda_tv > 0:
         per_ex = per_ex + cfg.lambda_tv * total_variation(x)
     if cfg.lambda_l2 > 0:
@@ -282,18 +300,18 @@ def _image_objective(x, d: StageData, spec: _Spec):
     return total + jnp.mean(per_ex), per_ex, jax.nn.softmax(cap.logits, -1)
 
 
-def _loss_one(params, d: StageData, spec):
+def _loss_one(params, d: StageData, spec, shift=None):
     """One example (no batch axis): the vmapped per-image path."""
     x = spec.prior.render(params, d.aux)[None]
     one = d._replace(xq=d.xq[None], fq=None if d.fq is None else d.fq[None], t=d.t[None])
-    total, per_ex, probs = _image_objective(x, one, spec)
+    total, per_ex, probs = _image_objective(x, one, spec, shift)
     return total, (per_ex[0], probs[0], x[0])
 
 
-def _loss_batch(params, d: StageData, spec):
+def _loss_batch(params, d: StageData, spec, shift=None):
     """All examples jointly (BatchNorm statistics over the batch)."""
     x = jax.vmap(spec.prior.render)(params, d.aux)
-    total, per_ex, probs = _image_objective(x, d, spec)
+    total, per_ex, probs = _image_objective(x, d, spec, shift)
     return total, (per_ex, probs, x)
 
 
@@ -330,9 +348,18 @@ def _stage_chunk(carry, d: StageData, spec: _Spec, length: int):
     loss_fn = _loss_fn(spec)
     tx = _make_tx(spec.config, spec.steps, spec.lr)
 
+    jitter = spec.config.jitter
+
     def body(carry, _):
         p, s, best = carry
-        (_, (per_ex, probs, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, d, spec)
+        if jitter:
+            # the Adam step count: the step within the stage, the same for every example
+            shift = jitter_shift(s[0].count, jitter)
+            (_, (per_ex, _, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, d, spec, shift)
+            # "reaches the target" is judged on x_bar as it is, not on its jittered copy
+            _, (per_ex, probs, _) = loss_fn(p, d, spec)
+        else:
+            (_, (per_ex, probs, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, d, spec)
         best = _update_best(best, per_ex, probs, x, d.t, spec.config.margin)
         u, s = tx.update(g, s, p)
         return (optax.apply_updates(p, u), s, best), None
