@@ -398,11 +398,17 @@ def test_vmap_equals_loop_and_batch_convention_differs(small_mnist_classifier):
     np.testing.assert_allclose(b1["x_cf"], ones[0]["x_cf"], atol=2e-4)
 
 
-def test_jitter_shift_is_deterministic_and_covers_the_window():
-    shifts = np.array([np.asarray(disc.jitter_shift(jnp.int32(s), 2)) for s in range(400)])
-    assert shifts.min() == -2 and shifts.max() == 2
-    assert len({tuple(r) for r in shifts}) == 25  # every (dy, dx) in {-2..2}^2 is drawn
-    np.testing.assert_array_equal(shifts[7], np.asarray(disc.jitter_shift(jnp.int32(7), 2)))
+def test_jitter_key_is_a_pure_function_of_the_step_and_covers_the_window():
+    dot = np.zeros((1, 9, 9, 1), np.float32)
+    dot[0, 4, 4, 0] = 1.0
+
+    def offset(step):  # where the step's translation puts the centre pixel
+        moved = np.asarray(disc.random_shift(disc.jitter_key(jnp.int32(step)), jnp.asarray(dot), 2))[0, :, :, 0]
+        return tuple(int(v) - 4 for v in np.argwhere(moved == 1.0)[0])
+
+    offsets = [offset(s) for s in range(300)]
+    assert {o for o in offsets} == {(i, j) for i in range(-2, 3) for j in range(-2, 3)}
+    assert offset(7) == offsets[7] and offset(123) == offsets[123]
 
 
 def test_jitter_changes_the_optimisation_but_not_the_contract(small_mnist_classifier):
@@ -523,3 +529,17 @@ def test_cli_contract_on_shipped_models(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
         assert not bad.exists()
+
+
+def test_disc_flags_reach_the_config():
+    import argparse
+
+    from cfjax.cli.explain import add_disc, disc_config
+
+    p = argparse.ArgumentParser()
+    add_disc(p)
+    d = disc.DISCConfig()
+    assert disc_config(p.parse_args(["--out", "x.npz"])) == d  # the CLI defaults are the library's
+    cfg = disc_config(p.parse_args(["--out", "x.npz", "--jitter", "3", "--l1-weight", "0.25", "--mc-weight", "2", "--bn-weight", "0.5"]))
+    assert (cfg.jitter, cfg.lambda_l1, cfg.lambda_mc, cfg.lambda_bn) == (3, 0.25, 2.0, 0.5)
+    assert disc_config(p.parse_args(["--out", "x.npz", "--manifold", "none", "--mc-weight", "2"])).lambda_mc == 0.0

@@ -44,7 +44,7 @@ import optax
 
 from cfjax.errors import CfjaxError
 from cfjax.methods.bn_capture import BN_CONVENTIONS, Capture, bn_statistics_loss, capture  # noqa: F401 - part of this module's API
-from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, total_variation  # noqa: F401 - part of this module's API
+from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, random_shift, total_variation  # noqa: F401 - part of this module's API
 from cfjax.models import priors as priors_lib
 from cfjax.validation import positive_float, validate_images, validate_targets
 
@@ -143,7 +143,7 @@ class DISCConfig:
     x_bar "reaches the target" when p(y') - max_{c != y'} p(c) >= margin; bn_convention: "image"
     (per-example, vmapped) or "batch" (joint); feature_layer: see :func:`capture`; jitter:
     DeepInversion's random jitter, a translation of x_bar by up to ``jitter`` pixels in each
-    direction (circular, drawn per step, the same for the whole batch) before the classifier,
+    direction (zero fill, drawn per step, the same for the whole batch) before the classifier,
     the BatchNorm term and DUQ see it at each optimisation step (0 = off): a change that only
     works at one exact pixel position stops paying off, so the optimisation has to move strokes.
     """
@@ -264,20 +264,20 @@ class StageData(NamedTuple):
     duq_variables: Any
 
 
-def jitter_shift(step: jax.Array, jitter: int) -> jax.Array:
-    """The (dy, dx) int32 translation of optimisation step ``step`` (), uniform on
-    {-jitter, ..., jitter}^2 and a pure function of the step (deterministic)."""
-    key = jax.random.fold_in(jax.random.key(0x0D15C), step)
-    return jax.random.randint(key, (2,), -jitter, jitter + 1)
+def jitter_key(step: jax.Array) -> jax.Array:
+    """The key of optimisation step ``step`` () for the jitter translation: a pure function of
+    the step, so a run is deterministic and every example of a step is moved alike."""
+    return jax.random.fold_in(jax.random.key(0x0D15C), step)
 
 
-def _image_objective(x, d: StageData, spec: _Spec, shift: jax.Array | None = None):
+def _image_objective(x, d: StageData, spec: _Spec, shift_key: jax.Array | None = None):
     """Objective for rendered images x (N, H, W, C) -> (total (), per-example (N,), probs (N, C)).
 
-    ``shift`` (2,) int: the models (classifier, BatchNorm term, DUQ) see x rolled by it over
-    (H, W); the image priors and the proximity terms always see x itself."""
+    ``shift_key``: the models (classifier, BatchNorm term, DUQ) see x translated by up to
+    ``config.jitter`` pixels (:func:`random_shift`, zero fill); the image priors and the
+    proximity terms always see x itself."""
     cfg = spec.config
-    seen = x if shift is None else jnp.roll(x, shift, axis=(1, 2))
+    seen = x if shift_key is None else random_shift(shift_key, x, cfg.jitter)
     cap = capture(spec.apply_fn, d.variables, seen, spec.apply_kwargs, cfg.feature_layer if spec.use_feat else None)
     per_ex = cfg.lambda_cf * target_class_loss(cap.logits, d.t, spec.mode, d.target_prob)
     if spec.use_feat:
@@ -300,18 +300,18 @@ def _image_objective(x, d: StageData, spec: _Spec, shift: jax.Array | None = Non
     return total + jnp.mean(per_ex), per_ex, jax.nn.softmax(cap.logits, -1)
 
 
-def _loss_one(params, d: StageData, spec, shift=None):
+def _loss_one(params, d: StageData, spec, shift_key=None):
     """One example (no batch axis): the vmapped per-image path."""
     x = spec.prior.render(params, d.aux)[None]
     one = d._replace(xq=d.xq[None], fq=None if d.fq is None else d.fq[None], t=d.t[None])
-    total, per_ex, probs = _image_objective(x, one, spec, shift)
+    total, per_ex, probs = _image_objective(x, one, spec, shift_key)
     return total, (per_ex[0], probs[0], x[0])
 
 
-def _loss_batch(params, d: StageData, spec, shift=None):
+def _loss_batch(params, d: StageData, spec, shift_key=None):
     """All examples jointly (BatchNorm statistics over the batch)."""
     x = jax.vmap(spec.prior.render)(params, d.aux)
-    total, per_ex, probs = _image_objective(x, d, spec, shift)
+    total, per_ex, probs = _image_objective(x, d, spec, shift_key)
     return total, (per_ex, probs, x)
 
 
@@ -353,9 +353,9 @@ def _stage_chunk(carry, d: StageData, spec: _Spec, length: int):
     def body(carry, _):
         p, s, best = carry
         if jitter:
-            # the Adam step count: the step within the stage, the same for every example
-            shift = jitter_shift(s[0].count, jitter)
-            (_, (per_ex, _, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, d, spec, shift)
+            # keyed by the Adam step count: the step within the stage, the same for every example
+            key = jitter_key(s[0].count)
+            (_, (per_ex, _, x)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, d, spec, key)
             # "reaches the target" is judged on x_bar as it is, not on its jittered copy
             _, (per_ex, probs, _) = loss_fn(p, d, spec)
         else:
