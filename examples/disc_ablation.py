@@ -48,7 +48,7 @@ from cfjax.pretrained import default_model_dir  # noqa: E402
 
 # DeepInversion-style baseline: cross-entropy + BN statistics + TV + l2 prior, pixels, one stage.
 BASE = dict(prior="pixels", progressive=False, lambda_l1=0.0, lambda_feat=0.0, lambda_mc=0.0,
-            lambda_bn=0.01, lambda_tv=1.0, lambda_l2=0.05)
+            lambda_bn=0.01, lambda_tv=1.0, lambda_l2=0.05, jitter=0)
 L1 = {**BASE, "lambda_l1": 0.5}
 PROG = dict(progressive=True, stages=(0.5, 0.9, 0.999))
 
@@ -65,8 +65,12 @@ VARIANTS = {
                           "the default with per-batch BN statistics (64 queries jointly)"),
     "pixels+duq+prog": ({**L1, "lambda_mc": 1.0, **PROG}, True, "full objective with the pixels prior"),
     "pixels+duq+prog+c2f": ({**L1, "lambda_mc": 1.0, **PROG, "coarse_to_fine": True}, True, "... + coarse-to-fine"),
+    "+inr+duq+prog+jitter": ({**L1, "prior": "inr", "lambda_mc": 1.0, **PROG, "jitter": 2}, True,
+                             "+ INR, + DUQ, + progressive, + jitter 2"),
+    "+dip+duq+prog+jitter": ({**L1, "prior": "dip", "lambda_mc": 1.0, **PROG, "jitter": 2}, True,
+                             "+ DIP, + DUQ, + progressive, + jitter 2"),
 }
-DEFAULT_ROW = "+inr+duq+prog"  # == DISCConfig() with --manifold duq (checked in main)
+DEFAULT_ROW = "+dip+duq+prog+jitter"  # == DISCConfig() with --manifold duq (checked in main)
 
 
 def run_variant(name, overrides, use_duq, ctx, limit):

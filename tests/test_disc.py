@@ -359,7 +359,7 @@ def small_mnist_classifier():
 
 
 def _fast(**kw):
-    base = dict(prior="pixels", steps=40, lr=0.15, progressive=False, lambda_tv=0.1, lambda_l1=0.5, lambda_l2=0.0, lambda_bn=0.01)
+    base = dict(prior="pixels", steps=40, lr=0.15, progressive=False, lambda_tv=0.1, lambda_l1=0.5, lambda_l2=0.0, lambda_bn=0.01, jitter=0)
     return disc.DISCConfig(**{**base, **kw})
 
 
@@ -438,7 +438,7 @@ def test_manifold_term_pulls_towards_the_target_centroid():
 
     xq = np.full((2, 6, 6, 1), 0.5, np.float32)
     t = np.array([1, 2])
-    cfg = disc.DISCConfig(prior="pixels", steps=30, progressive=False, lambda_cf=0.0, lambda_bn=0.0, lambda_tv=0.0, lambda_l1=0.0, lambda_l2=0.0, lambda_mc=1.0)
+    cfg = disc.DISCConfig(prior="pixels", steps=30, progressive=False, lambda_cf=0.0, lambda_bn=0.0, lambda_tv=0.0, lambda_l1=0.0, lambda_l2=0.0, lambda_mc=1.0, jitter=0)
     out = disc.generate(model.apply, v, xq, t, cfg, duq=(log_kernel, centroids))
     before = -np.asarray(log_kernel(centroids, xq))[np.arange(2), t]
     after = -np.asarray(log_kernel(centroids, out["x_cf"]))[np.arange(2), t]

@@ -30,10 +30,10 @@ from cfjax.errors import CfjaxError
 
 
 def bench_config(steps: int):
-    """The DISC configuration both sides run (pixels prior, one CE stage, no DUQ)."""
+    """The DISC configuration both sides run (pixels prior, one CE stage, no DUQ, no jitter)."""
     from cfjax.methods.disc import DISCConfig
 
-    return DISCConfig(prior="pixels", progressive=False, steps=int(steps), fit_steps=0)
+    return DISCConfig(prior="pixels", progressive=False, steps=int(steps), fit_steps=0, jitter=0)
 
 
 class TwinCNN(nn.Module):

@@ -65,6 +65,23 @@ INTERRUPTED_MESSAGE = ("cfjax: interrupted; nothing half-written was left (outpu
                        "run or a --shards directory continues with --resume, a single --out file is made by running "
                        "the command again")
 _interrupts: list[int] = []
+_terminal_fd: list[int] = []  # the real stderr, kept aside once Ctrl-C has muted file descriptor 2
+
+
+def _mute_stderr() -> None:
+    """After Ctrl-C only the one "interrupted" line may reach the terminal: library threads that
+    are still winding down (Orbax's event loop, XLA) can print tracebacks of their own meanwhile,
+    so file descriptor 2 goes to /dev/null and the line is written to a saved copy of it."""
+    if _terminal_fd:
+        return
+    try:
+        sys.stderr.flush()
+        _terminal_fd.append(os.dup(2))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _in_import(frame) -> bool:
@@ -93,6 +110,7 @@ def _on_signal(signum, frame):
 
     if signum == signal.SIGINT:
         _interrupts.append(signum)  # remembered even if a library swallows the KeyboardInterrupt
+        _mute_stderr()
     if not _interrupts:
         return
     if _in_import(frame):
@@ -119,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if _interrupts:
         code = 130
     if code == 130:
-        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        if _terminal_fd:
+            os.write(_terminal_fd[0], (INTERRUPTED_MESSAGE + "\n").encode())
+        else:
+            print(INTERRUPTED_MESSAGE, file=sys.stderr)
         if from_shell:
             sys.stdout.flush()
             sys.stderr.flush()
