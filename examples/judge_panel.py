@@ -83,12 +83,12 @@ def calibrated(rows: dict) -> dict:
 
 def cf_row(preds: dict, path: Path) -> dict:
     with np.load(path) as f:
-        x_cf, target, y_pred = f["x_cf"], f["y_target"], f["y_pred"]
-    asked = target != y_pred
-    row = agreement(preds, x_cf[asked], target[asked])
-    with np.load(path) as f:
-        row["flip_rate"] = er.rate(f["y_cf_pred"][asked] == target[asked])
-        row["l1_per_pixel"] = round(float(np.mean(np.abs(x_cf[asked] - f["x"][asked]))), 4)
+        d = {k: f[k] for k in ("x", "x_cf", "y_target", "y_pred", "y_cf_pred")}
+    asked = d["y_target"] != d["y_pred"]
+    target = d["y_target"][asked]
+    row = agreement(preds, d["x_cf"][asked], target)
+    row["flip_rate"] = er.rate(d["y_cf_pred"][asked] == target)
+    row["l1_per_pixel"] = round(float(np.mean(np.abs(d["x_cf"][asked] - d["x"][asked]))), 4)
     return row
 
 

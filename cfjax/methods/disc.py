@@ -46,7 +46,7 @@ from cfjax.errors import CfjaxError
 from cfjax.methods.bn_capture import BN_CONVENTIONS, Capture, bn_statistics_loss, capture  # noqa: F401 - part of this module's API
 from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, random_shift, total_variation  # noqa: F401 - part of this module's API
 from cfjax.models import priors as priors_lib
-from cfjax.validation import positive_float, validate_images, validate_targets
+from cfjax.validation import non_negative_int, positive_float, validate_images, validate_targets
 
 TARGET_MODES = ("ce", "prob")
 MC_MODES = ("nll", "max")
@@ -214,8 +214,7 @@ class DISCConfig:
             raise CfjaxError(f"DISC margin must be in [0, 1), got {self.margin!r}")
         if self.bn_convention not in BN_CONVENTIONS:
             raise CfjaxError(f"unknown bn_convention {self.bn_convention!r}: choose one of {', '.join(BN_CONVENTIONS)}")
-        if not isinstance(self.jitter, int) or isinstance(self.jitter, bool) or self.jitter < 0:
-            raise CfjaxError(f"DISC jitter must be an integer >= 0 (pixels), got {self.jitter!r}", argument="jitter")
+        non_negative_int(self.jitter, "jitter")
         if self.mc_mode not in MC_MODES:
             raise CfjaxError(f"unknown mc_mode {self.mc_mode!r}: choose one of {', '.join(MC_MODES)}")
 
