@@ -46,12 +46,9 @@ def _targets(apply_fn, variables, x):
 
 def flops_count(apply_fn, variables, cfg, b: int, image_shape) -> dict:
     """:func:`benchmarks.roofline.jaxpr_flops` of one whole ``disc.generate`` call at batch ``b``:
-    the query forward pass, the stage (its jitted begin, chunks of unrolled steps and end, driven by
-    a host loop that traces through) and the final prediction. Falls back to an estimate of
-    ``3 x steps + 3`` classifier forward passes where disc's internals differ."""
-    import dataclasses
-
-    import jax
+    the query forward pass, the stage (:func:`cfjax.methods.disc.run_stage`: its jitted begin,
+    chunks of unrolled steps and end, driven by a host loop that traces through) and the final
+    prediction."""
     import jax.numpy as jnp
 
     from benchmarks import roofline
@@ -60,21 +57,12 @@ def flops_count(apply_fn, variables, cfg, b: int, image_shape) -> dict:
     x = jnp.zeros((b, *image_shape), jnp.float32)
     t = jnp.zeros((b,), jnp.int32)
     fwd = roofline.jaxpr_flops(lambda x: apply_fn(variables, x, train=False), x)
-    try:
-        kw = disc._freeze_kwargs({"train": False})
-        prior = cfg.make_prior()
-        params, aux = disc._init_jit(disc._example_keys(jax.random.key(0), b), x, prior)
-        spec = disc._Spec(apply_fn, kw, None, prior, dataclasses.replace(cfg, seed=0, fit_steps=0, fit_lr=None), "ce",
-                          int(cfg.steps), float(cfg.lr or prior.default_lr), cfg.lambda_bn > 0, False)
-        stage = roofline.jaxpr_flops(lambda p, a, xq, t: disc._stage_jit(p, disc.StageData(a, xq, None, t, jnp.float32(1.0), variables, None), spec),
-                                     params, aux, x, t)
-    except Exception as e:  # noqa: BLE001 - disc's private stage API changed: an estimate, marked as such
-        est = dict(fwd)
-        est["flops"] = fwd["flops"] * (3 * cfg.steps + 3)
-        est["estimate"] = f"3 x steps + 3 forward passes ({type(e).__name__}: {e})"
-        return est
-    out = dict(stage)
-    out["flops"] = stage["flops"] + 2 * fwd["flops"]  # + the query's forward pass and the final prediction
+    prior, params, aux, _ = disc.initialize(cfg, x)
+    stage = disc.make_stage(apply_fn, cfg, prior, apply_kwargs={"train": False})
+    out = dict(roofline.jaxpr_flops(
+        lambda p, a, xq, t: disc.run_stage(p, disc.StageData(a, xq, None, t, jnp.float32(1.0), variables, None), stage),
+        params, aux, x, t))
+    out["flops"] = out["flops"] + 2 * fwd["flops"]  # + the query's forward pass and the final prediction
     out["forward_pass_flops"] = fwd["flops"]
     return out
 
@@ -100,14 +88,14 @@ def parity(n: int = 16, loaded=None, steps_checked: tuple = (1, 3)) -> dict:
         d[f"x_cf_{steps}_step{'s' if steps > 1 else ''}"] = float(np.abs(np.asarray(out["x_cf"]).transpose(0, 3, 1, 2) - out_t["x_cf"].numpy()).max())
         if steps == 3:
             d["probs_cf_3_steps"] = float(np.abs(np.asarray(out["probs_cf"]) - out_t["probs_cf"].numpy()).max())
-    # The objective itself (cfjax's private per-example objective at the starting image).
-    cfg = tdisc.bench_config(1)
-    prior = cfg.make_prior()
-    spec = disc._Spec(apply_fn, (("train", False),), None, prior, cfg, "ce", 1, 0.1, True, False)
+    # The objective itself (cfjax's per-example objective at the starting image).
     import jax
 
-    x0 = jax.vmap(prior.render)(*jax.vmap(prior.init)(jax.random.split(jax.random.key(0), n), jnp.asarray(x)))
-    _, per_ex, _ = disc._image_objective(x0, disc.StageData(None, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None), spec)
+    cfg = tdisc.bench_config(1)
+    prior, params, aux, _ = disc.initialize(cfg, jnp.asarray(x))
+    stage = disc.make_stage(apply_fn, cfg, prior, apply_kwargs={"train": False})
+    x0 = jax.vmap(prior.render)(params, aux)
+    _, per_ex, _ = disc.image_objective(x0, disc.StageData(aux, jnp.asarray(x), None, jnp.asarray(t), 1.0, variables, None), stage)
     with torch.no_grad():
         per_t, _ = tdisc.objective(twin, cfg, torch.as_tensor(np.array(x0)).permute(0, 3, 1, 2), xt, tt)
     # relative to max(1, |loss|): float32 round-off of a sum of terms grows with the loss (the

@@ -34,13 +34,15 @@ def main(argv=None) -> int:
     x = jnp.asarray(np.resize(load_dataset("mnist5k", "test").images, (b, 28, 28, 1)))
     t = jnp.asarray((np.argmax(np.asarray(apply_fn(variables, x)), -1) + 1) % 10)
     cfg = bench_config(n)
-    prior = cfg.make_prior()
-    spec = disc._Spec(apply_fn, (("train", False),), None, prior, cfg, "ce", n, 0.1, True, False)
-    params, aux = jax.vmap(prior.init)(jax.random.split(jax.random.key(0), b), x)
+    prior, params, aux, _ = disc.initialize(cfg, x)
+    stage = disc.make_stage(apply_fn, cfg, prior, apply_kwargs={"train": False})
+
+    def loss_one(p1, a1, q1, t1):  # one example: the objective of its rendered image
+        x1 = prior.render(p1, a1)[None]
+        return disc.image_objective(x1, disc.StageData(a1, q1[None], None, t1[None], 1.0, variables, None), stage)[0]
 
     def grad_step(p):
-        g = jax.vmap(lambda p1, a1, q1, t1: jax.grad(lambda pp: disc._loss_one(pp, disc.StageData(a1, q1, None, t1, 1.0, variables, None), spec)[0])(p1))(p, aux, x, t)
-        return p - 0.01 * g
+        return p - 0.01 * jax.vmap(jax.grad(loss_one))(p, aux, x, t)
 
     def rolled(p):
         return jax.lax.fori_loop(0, n, lambda i, pp: grad_step(pp), p)

@@ -381,6 +381,49 @@ def test_short_run_flips_predictions(small_mnist_classifier):
     assert 0 < np.abs(x_cf - xq).mean() < 0.2
 
 
+def test_image_objective_matches_numpy():
+    """The public objective of a batch of images against TinyBN's NumPy forward and NumPy terms."""
+    model, v = _tiny()
+    x = RNG.uniform(size=(3, 6, 6, 1)).astype(np.float32)
+    q = RNG.uniform(size=(3, 6, 6, 1)).astype(np.float32)
+    t = np.array([0, 2, 1])
+    cfg = disc.DISCConfig(prior="pixels", lambda_cf=1.5, lambda_tv=0.3, lambda_l2=0.2, lambda_l1=0.7, lambda_bn=0.05,
+                          first_bn_weight=4.0, jitter=0)
+    stage = disc.make_stage(model.apply, cfg, cfg.make_prior(), apply_kwargs={"train": False})
+    assert (stage.steps, stage.mode, stage.use_bn, stage.use_feat) == (cfg.steps, "ce", True, False)
+    d = disc.StageData(None, jnp.asarray(q), None, jnp.asarray(t), jnp.float32(1.0), v, None)
+    total, per_ex, probs = disc.image_objective(jnp.asarray(x), d, stage)
+    logits, bn_in, _ = _np_forward(v, x)
+    stats = [(np.asarray(v["batch_stats"][k]["mean"]), np.asarray(v["batch_stats"][k]["var"])) for k in ("bn1", "bn2", "bn3")]
+    xd = x.astype(np.float64)
+    tv = sum(((a - b) ** 2).mean((1, 2, 3)) for a, b in ((xd[:, :, 1:], xd[:, :, :-1]), (xd[:, 1:], xd[:, :-1]),
+                                                       (xd[:, 1:, 1:], xd[:, :-1, :-1]), (xd[:, 1:, :-1], xd[:, :-1, 1:])))
+    want = (1.5 * -_np_log_softmax(logits)[np.arange(3), t] + 0.3 * tv + 0.2 * (xd**2).mean((1, 2, 3))
+            + 0.7 * np.abs(xd - q).mean((1, 2, 3)) + 0.05 * _np_bn_loss(bn_in, stats, "image", 4.0))
+    np.testing.assert_allclose(per_ex, want, rtol=2e-4)
+    np.testing.assert_allclose(total, want.mean(), rtol=2e-4)
+    np.testing.assert_allclose(probs, np.exp(_np_log_softmax(logits)), rtol=1e-4, atol=1e-6)
+
+
+def test_public_stage_pieces_compose_to_generate(small_mnist_classifier):
+    """initialize + make_stage + run_stage, as a benchmark or a user's own loop calls them, give
+    generate's answer for a one-stage run."""
+    apply_fn, v, x = small_mnist_classifier
+    xq = jnp.asarray(x[8:11])
+    t = jnp.asarray((np.argmax(apply_fn(v, xq), -1) + 1) % 10, jnp.int32)
+    cfg = _fast(steps=10)
+    want = disc.generate(apply_fn, v, xq, t, cfg)
+    prior, params, aux, fit_mse = disc.initialize(cfg, xq)
+    stage = disc.make_stage(apply_fn, cfg, prior)
+    _, best, found, last, _ = disc.run_stage(params, disc.StageData(aux, xq, None, t, jnp.float32(1.0), v, None), stage)
+    got = np.where(np.asarray(found)[:, None, None, None], best, last)
+    np.testing.assert_allclose(got, want["x_cf"], atol=1e-6)
+    np.testing.assert_array_equal(found, want["stage_success"][0])
+    np.testing.assert_array_equal(fit_mse, np.zeros(3))
+    with pytest.raises(CfjaxError, match="target loss mode"):
+        disc.make_stage(apply_fn, cfg, prior, mode="hinge")
+
+
 def test_vmap_equals_loop_and_batch_convention_differs(small_mnist_classifier):
     apply_fn, v, x = small_mnist_classifier
     xq = x[4:7]

@@ -64,3 +64,32 @@ def test_cfjax_never_imports_benchmarks():
     bad = [str(path.relative_to(ROOT)) for path, tree in _modules()
            for module, _ in _imports(tree) if module.split(".")[0] == "benchmarks"]
     assert not bad, bad
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``name._private`` where ``name`` was imported from cfjax (a module, class or function)."""
+    tree = ast.parse(path.read_text(), str(path))
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "cfjax":
+            bound.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            bound.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "cfjax")
+    return [f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+            and node.attr.startswith("_") and not node.attr.startswith("__")]
+
+
+def test_nothing_reaches_into_a_private_name_of_cfjax():
+    """cfjax's modules, the benchmarks and the examples use cfjax's public names only (the
+    attribute form of the import rule above: ``disc._stage_jit`` is as private as importing it)."""
+    files = [p for d in ("cfjax", "benchmarks", "examples") for p in sorted((ROOT / d).rglob("*.py"))]
+    bad = [use for p in files for use in _private_uses(p)]
+    assert not bad, bad
+
+
+def test_the_private_name_check_can_fail(tmp_path, monkeypatch):
+    f = tmp_path / "uses.py"
+    f.write_text("from cfjax.methods import disc\nimport cfjax.methods.ecinn\nx = disc._Spec\ny = cfjax.__name__\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _private_uses(f) == ["uses.py:3 disc._Spec"]

@@ -232,8 +232,9 @@ class DISCConfig:
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """Everything static about one jitted stage (hashable)."""
+class Stage:
+    """Everything static about one stage of the optimisation (hashable: the jit-static argument
+    of :func:`run_stage`). Build it with :func:`make_stage`."""
 
     apply_fn: Callable
     apply_kwargs: tuple
@@ -245,6 +246,23 @@ class _Spec:
     lr: float
     use_bn: bool
     use_feat: bool
+
+
+def make_stage(apply_fn: Callable, config: DISCConfig, prior: Any, *, mode: str = "ce", steps: int | None = None,
+               lr: float | None = None, apply_kwargs: dict | None = None, log_kernel_fn: Callable | None = None) -> Stage:
+    """The static part of one stage: ``steps`` Adam steps (default ``config.steps``) at learning
+    rate ``lr`` (default ``config.lr``, else the prior's) on the target loss ``mode`` ("ce", or
+    "prob" with the stage's target probability from :class:`StageData`), for classifier
+    ``apply_fn(variables, x, **apply_kwargs)`` and, with ``log_kernel_fn``, DUQ manifold
+    consistency. The config's seed and generator-fit settings act before the stages, so they are
+    dropped here: runs that differ only there share the stage's compilation."""
+    if mode not in TARGET_MODES:
+        raise CfjaxError(f"unknown target loss mode {mode!r}: choose one of {', '.join(TARGET_MODES)}")
+    steps = config.steps if steps is None else steps
+    lr = float(lr or config.lr or prior.default_lr)
+    stage_cfg = dataclasses.replace(config, seed=0, fit_steps=0, fit_lr=None)
+    return Stage(apply_fn, _freeze_kwargs(apply_kwargs), log_kernel_fn, prior, stage_cfg, mode, int(steps), lr,
+                 config.lambda_bn > 0, config.lambda_feat > 0)
 
 
 class StageData(NamedTuple):
@@ -270,8 +288,11 @@ def jitter_key(step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(0x0D15C), step)
 
 
-def _image_objective(x, d: StageData, spec: _Spec, shift_key: jax.Array | None = None):
-    """Objective for rendered images x (N, H, W, C) -> (total (), per-example (N,), probs (N, C)).
+def image_objective(x, d: StageData, spec: Stage, shift_key: jax.Array | None = None):
+    """The DISC objective (module docstring) of images x (N, H, W, C) with queries, targets and
+    models from ``d``: -> (total (), per-example (N,), classifier probabilities (N, C)). With
+    ``bn_convention="image"`` the total is the mean of the per-example values; with "batch" it
+    adds the batch's BatchNorm term, which has no per-example share.
 
     ``shift_key``: the models (classifier, BatchNorm term, DUQ) see x translated by up to
     ``config.jitter`` pixels (:func:`random_shift`, zero fill); the image priors and the
@@ -304,14 +325,14 @@ def _loss_one(params, d: StageData, spec, shift_key=None):
     """One example (no batch axis): the vmapped per-image path."""
     x = spec.prior.render(params, d.aux)[None]
     one = d._replace(xq=d.xq[None], fq=None if d.fq is None else d.fq[None], t=d.t[None])
-    total, per_ex, probs = _image_objective(x, one, spec, shift_key)
+    total, per_ex, probs = image_objective(x, one, spec, shift_key)
     return total, (per_ex[0], probs[0], x[0])
 
 
 def _loss_batch(params, d: StageData, spec, shift_key=None):
     """All examples jointly (BatchNorm statistics over the batch)."""
     x = jax.vmap(spec.prior.render)(params, d.aux)
-    total, per_ex, probs = _image_objective(x, d, spec, shift_key)
+    total, per_ex, probs = image_objective(x, d, spec, shift_key)
     return total, (per_ex, probs, x)
 
 
@@ -332,18 +353,18 @@ def _update_best(best, per_ex, probs, x, t, margin):
     return jnp.where(better, per_ex, b_loss), jnp.where(_expand(better, x), x, b_x), b_found | ok
 
 
-def _loss_fn(spec: _Spec):
+def _loss_fn(spec: Stage):
     return _loss_one if spec.config.bn_convention == "image" else _loss_batch
 
 
-def _stage_begin(params, d: StageData, spec: _Spec):
+def _stage_begin(params, d: StageData, spec: Stage):
     """Carry (params, Adam state, best) at the start of a stage (one example or the batch)."""
     _, (per0, _, x0) = _loss_fn(spec)(params, d, spec)
     best0 = (jnp.full(jnp.shape(per0), jnp.inf), x0, jnp.zeros(jnp.shape(per0), bool))
     return params, _make_tx(spec.config, spec.steps, spec.lr).init(params), best0
 
 
-def _stage_chunk(carry, d: StageData, spec: _Spec, length: int):
+def _stage_chunk(carry, d: StageData, spec: Stage, length: int):
     """``length`` Adam steps (a fully unrolled scan); the schedule continues from the Adam state."""
     loss_fn = _loss_fn(spec)
     tx = _make_tx(spec.config, spec.steps, spec.lr)
@@ -368,7 +389,7 @@ def _stage_chunk(carry, d: StageData, spec: _Spec, length: int):
     return carry
 
 
-def _stage_end(carry, d: StageData, spec: _Spec):
+def _stage_end(carry, d: StageData, spec: Stage):
     """(params, best image, best found, last image, last probs) after the last step."""
     params, _, best = carry
     _, (per_ex, probs, x) = _loss_fn(spec)(params, d, spec)
@@ -376,7 +397,7 @@ def _stage_end(carry, d: StageData, spec: _Spec):
     return params, best[1], best[2], x, probs
 
 
-def _batched(fn, spec: _Spec, d: StageData):
+def _batched(fn, spec: Stage, d: StageData):
     """vmap over examples (params or carry, and the per-query fields of ``d``) for the per-image
     BatchNorm convention; the batch as is for the batch convention."""
     if spec.config.bn_convention != "image":
@@ -387,24 +408,26 @@ def _batched(fn, spec: _Spec, d: StageData):
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def _begin_jit(params, d: StageData, spec: _Spec):
+def _begin_jit(params, d: StageData, spec: Stage):
     return _batched(partial(_stage_begin, spec=spec), spec, d)(params, d)
 
 
 @partial(jax.jit, static_argnames=("spec", "length"))
-def _chunk_jit(carry, d: StageData, spec: _Spec, length: int):
+def _chunk_jit(carry, d: StageData, spec: Stage, length: int):
     return _batched(partial(_stage_chunk, spec=spec, length=length), spec, d)(carry, d)
 
 
 @partial(jax.jit, static_argnames=("spec",))
-def _end_jit(carry, d: StageData, spec: _Spec):
+def _end_jit(carry, d: StageData, spec: Stage):
     return _batched(partial(_stage_end, spec=spec), spec, d)(carry, d)
 
 
-def _stage_jit(params, d: StageData, spec: _Spec):
-    """One stage of ``spec.steps`` Adam steps over all examples: jitted chunks of :data:`UNROLL`
-    unrolled steps driven from the host. Returns (params, best image, best found, last image,
-    last probs), each with the batch axis first."""
+def run_stage(params, d: StageData, spec: Stage):
+    """One stage of ``spec.steps`` Adam steps from prior parameters ``params`` (N, ...) over all
+    N examples (vmapped per example under the "image" BatchNorm convention): jitted chunks of
+    :data:`UNROLL` unrolled steps driven from the host. Returns (params, best image (N, H, W, C),
+    best found (N,) bool, last image (N, H, W, C), last probs (N, C)); "best" is the lowest-loss
+    iterate that reaches the target with ``config.margin``."""
     carry = _begin_jit(params, d, spec=spec)
     for n in chunk_lengths(spec.steps, UNROLL):
         carry = _chunk_jit(carry, d, spec=spec, length=n)
@@ -481,9 +504,12 @@ def _duq_pair(duq) -> tuple:
     return duq
 
 
-def _start(cfg: DISCConfig, keys: jax.Array, xq: jax.Array) -> tuple:
-    """(prior, params, aux, fit_mse) to start from: the prior initialised per query and, for a
-    generator prior, fitted to the query first. Coarse-to-fine starts on a half-resolution grid."""
+def initialize(cfg: DISCConfig, xq: jax.Array, key: jax.Array | None = None) -> tuple:
+    """(prior, params, aux, fit_mse) to start the stages from, for queries xq (N, H, W, C): the
+    prior initialised per query (``key``: one PRNG key, split per query, default
+    ``jax.random.key(cfg.seed)``; or one key per query) and, for a generator prior, fitted to the
+    query first (fit_mse (N,); zeros otherwise). Coarse-to-fine starts on a half-resolution grid."""
+    keys = _example_keys(jax.random.key(cfg.seed) if key is None else key, xq.shape[0])
     prior = cfg.make_prior()
     if cfg.coarse_to_fine:
         prior = dataclasses.replace(cast(priors_lib.Pixels, prior), factor=2)  # coarse_to_fine: pixels only
@@ -551,24 +577,21 @@ def generate(
     t = jnp.asarray(validate_targets(targets, num_classes, n))
     if isinstance(targets, jax.Array) and targets.dtype == jnp.int32 and targets.shape == (n,):
         t = targets  # keep the caller's placement
-    use_bn = cfg.lambda_bn > 0
     _check_bn_layers(bn_shapes, cfg)
     kernel_fn, duq_vars = _duq_pair(duq)
-    keys = _example_keys(jax.random.key(cfg.seed) if key is None else key, n)
     probs_q = jax.nn.softmax(logits_q, -1)
-    prior, params, aux, fit_mse = _start(cfg, keys, xq)
+    prior, params, aux, fit_mse = initialize(cfg, xq, key)
     lr = float(cfg.lr or prior.default_lr)
 
-    stage_cfg = dataclasses.replace(cfg, seed=0, fit_steps=0, fit_lr=None)  # fewer recompilations
     traj, found_all = [], []
     x_cf = found_any = None
     for i, (mode, tp, st) in enumerate(_stage_plan(cfg)):
         if cfg.coarse_to_fine and i == 1:
             prior = dataclasses.replace(prior, factor=1)
             params, aux = _refine_jit(params, aux, prior)
-        spec = _Spec(apply_fn, kw, kernel_fn, prior, stage_cfg, mode, int(st), lr, use_bn, use_feat)
+        spec = make_stage(apply_fn, cfg, prior, mode=mode, steps=st, lr=lr, apply_kwargs=dict(kw), log_kernel_fn=kernel_fn)
         data = StageData(aux, xq, feats_q, t, jnp.float32(tp), variables, duq_vars)
-        params, best_x, found, last_x, _ = _stage_jit(params, data, spec)
+        params, best_x, found, last_x, _ = run_stage(params, data, spec)
         stage_x = jnp.where(_expand(found, best_x), best_x, last_x)
         traj.append(stage_x)
         found_all.append(found)
