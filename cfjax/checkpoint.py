@@ -174,7 +174,6 @@ def load_checkpoint(model_dir, target: Any, step: int | None = None) -> tuple[An
     ``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape`` of the model's init). A checkpoint of
     another architecture, a partial or corrupt one, or none at all raises CheckpointError.
     """
-    ocp = _ocp()
     model_dir = Path(model_dir)
     if not (model_dir / CKPT_SUBDIR).is_dir():
         raise CheckpointError(f"{model_dir} has no saved checkpoint (no {CKPT_SUBDIR}/ directory)")
@@ -187,14 +186,7 @@ def load_checkpoint(model_dir, target: Any, step: int | None = None) -> tuple[An
             lambda a: jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.asarray(a).dtype)), target
         )
         _check_structure(model_dir, mngr, step, abstract)
-        try:
-            restored = mngr.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-            )
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: {first}") from e
+        restored = _restore(model_dir, mngr, step, abstract)
     return restored["state"], dict(restored["meta"] or {}), int(step)
 
 
@@ -207,7 +199,6 @@ def load_weights(model_dir, target: dict, step: int | None = None) -> dict:
     weights. CheckpointError as :func:`load_checkpoint`, and when an item of ``target`` was not
     saved.
     """
-    ocp = _ocp()
     model_dir = Path(model_dir)
     if not (model_dir / CKPT_SUBDIR).is_dir():
         raise CheckpointError(f"{model_dir} has no saved checkpoint (no {CKPT_SUBDIR}/ directory)")
@@ -225,14 +216,24 @@ def load_weights(model_dir, target: dict, step: int | None = None) -> dict:
             raise CheckpointError(f"checkpoint {model_dir} does not match this model's architecture (no saved {', '.join(missing)})")
         abstract = {k: jax.tree_util.tree_map(_abstract, target[k] if k in target else saved[k]) for k in names}
         _check_structure(model_dir, mngr, step, abstract)
-        try:
-            restored = mngr.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-            )
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: {first}") from e
+        restored = _restore(model_dir, mngr, step, abstract)
     return {k: restored["state"][k] for k in target}
+
+
+def _corrupt(model_dir: Path, step: int, why: BaseException | str) -> CheckpointError:
+    """The one error for a checkpoint step that cannot be read (first line of the cause)."""
+    if isinstance(why, BaseException):
+        why = (str(why).strip().splitlines() or [type(why).__name__])[0][:300]
+    return CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: {why}")
+
+
+def _restore(model_dir: Path, mngr, step: int, abstract: Any) -> dict:
+    """{"state", "meta"} of ``step`` restored into ``abstract``; CheckpointError when unreadable."""
+    ocp = _ocp()
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as e:
+        raise _corrupt(model_dir, step, e) from e
 
 
 def _abstract(a) -> jax.ShapeDtypeStruct:
@@ -245,10 +246,9 @@ def _saved_metadata(model_dir: Path, mngr, step: int):
     try:
         saved = mngr.item_metadata(step)["state"]
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: {first}") from e
+        raise _corrupt(model_dir, step, e) from e
     if saved is None:
-        raise CheckpointError(f"checkpoint {model_dir} step {step} is corrupt or partial: no state metadata")
+        raise _corrupt(model_dir, step, "no state metadata")
     return saved
 
 

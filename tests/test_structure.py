@@ -93,3 +93,27 @@ def test_the_private_name_check_can_fail(tmp_path, monkeypatch):
     f.write_text("from cfjax.methods import disc\nimport cfjax.methods.ecinn\nx = disc._Spec\ny = cfjax.__name__\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert _private_uses(f) == ["uses.py:3 disc._Spec"]
+
+
+def _raise_messages(tree) -> list[tuple[str, int]]:
+    """The message template of every ``raise SomeError("...")`` (f-string fields as {})."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+            a = node.exc.args[0]
+            if isinstance(a, ast.Constant) and isinstance(a.value, str):
+                out.append((a.value, node.lineno))
+            elif isinstance(a, ast.JoinedStr):
+                out.append(("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in a.values), node.lineno))
+    return out
+
+
+def test_no_error_message_is_written_more_than_twice():
+    """One home per check: the same error text at three or more sites means a copied check."""
+    seen: dict[str, list[str]] = {}
+    for path, tree in _modules():
+        for text, line in _raise_messages(tree):
+            seen.setdefault(text, []).append(f"{path.relative_to(ROOT)}:{line}")
+    copies = {text: sites for text, sites in seen.items() if len(sites) > 2}
+    assert not copies, copies
+    assert _raise_messages(ast.parse("def f(x):\n    raise ValueError(f'bad {x}')\n")) == [("bad {}", 2)]

@@ -8,6 +8,7 @@ class y', optimise an image x_bar = render(phi) (see :mod:`cfjax.models.priors`)
       + lambda_mc   * manifold_consistency(K(x_bar), y')        DUQ kernel of the target class
       + lambda_bn   * bn_statistics_loss(...)                   DeepInversion BatchNorm statistics
       + lambda_tv   * total_variation(x_bar) + lambda_l2 * l2_prior(x_bar)
+      + lambda_ink  * ink_prior(x_bar)                          strokes, not grey (off by default)
       + lambda_l1   * pixel_proximity(x_bar, x)
 
 Each term is its own pure function (per-example values, batch = leading axis); the BatchNorm
@@ -108,6 +109,12 @@ def l2_prior(x: jax.Array) -> jax.Array:
     return jnp.mean(x * x, (1, 2, 3))
 
 
+def ink_prior(x: jax.Array) -> jax.Array:
+    """Mean x(1 - x) per image, x (B, H, W, C) in [0, 1] -> (B,): 0 where every pixel is 0 or 1
+    (ink or paper), largest for mid-grey, so it prefers drawn strokes to a grey haze."""
+    return jnp.mean(x * (1.0 - x), (1, 2, 3))
+
+
 def pixel_proximity(x: jax.Array, x_query: jax.Array, p: float = 1) -> jax.Array:
     """Mean |x - x_query|^p per image: (B, H, W, C) twice -> (B,) (p=1: mean absolute change)."""
     return jnp.mean(jnp.abs(x - x_query) ** p, (1, 2, 3))
@@ -131,7 +138,8 @@ class DISCConfig:
 
     Weights: lambda_cf (target class), lambda_feat (classifier-feature proximity), lambda_mc
     (DUQ manifold consistency; used only when a DUQ model is given), lambda_bn (BatchNorm
-    statistics), lambda_tv (total variation), lambda_l2 (l2 prior), lambda_l1 (l1 proximity).
+    statistics), lambda_tv (total variation), lambda_l2 (l2 prior), lambda_l1 (l1 proximity),
+    lambda_ink (ink prior: pixels near 0 or 1).
     steps: counterfactual steps in all (split evenly over the stages); lr: Adam learning rate
     (None: the prior's default); schedule: "cosine" decay within each stage or "constant";
     prior: "pixels" | "dip" | "inr" with ``prior_options`` ((field, value), ...) for its
@@ -157,6 +165,7 @@ class DISCConfig:
     lambda_tv: float = 1.0
     lambda_l2: float = 0.05
     lambda_l1: float = 0.5
+    lambda_ink: float = 0.0
     steps: int = 300
     lr: float | None = None
     schedule: str = "cosine"
@@ -311,6 +320,8 @@ def image_objective(x, d: StageData, spec: Stage, shift_key: jax.Array | None = 
         per_ex = per_ex + cfg.lambda_l2 * l2_prior(x)
     if cfg.lambda_l1 > 0:
         per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, d.xq, 1)
+    if cfg.lambda_ink > 0:
+        per_ex = per_ex + cfg.lambda_ink * ink_prior(x)
     total: jax.Array | float = 0.0
     if spec.use_bn:
         bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.first_bn_weight)
