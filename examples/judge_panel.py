@@ -16,6 +16,11 @@ judge is believed when it reads >= 90% of the real digits correctly, >= 85% of G
 target and, for the non-CNN judges, <= 30% of GB. Each CF.npz given on the command line then
 gets one row: every judge's target agreement on ``x_cf`` against ``y_target`` and "all agree",
 with 95% Wilson intervals; queries whose target equals the prediction are left out.
+
+Blank images: every judge of this panel (and the explained CNN) reads an empty image as a 1, so a
+counterfactual that erases the query would pass for one. An image with less ink (mean pixel
+value) than every one of the 9,000 training digits is therefore not a digit: it counts as a miss
+for every judge, and the "blank" column counts such images.
 """
 
 from __future__ import annotations
@@ -48,25 +53,40 @@ def panel(reference: Path, cache: Path | None, oracle_dir: Path) -> dict:
     return out
 
 
-def agreement(preds: dict, x: np.ndarray, target: np.ndarray) -> dict:
-    hits = {name: predict(x) == target for name, predict in preds.items()}
+def ink(x: np.ndarray) -> np.ndarray:
+    """Mean pixel value per image, (N, ...) in [0, 1] -> (N,)."""
+    return np.asarray(x, np.float64).reshape(len(x), -1).mean(1)
+
+
+def ink_floor(reference: Path) -> float:
+    """The least ink of any of the judges' 9,000 training digits: below it, an image is blank."""
+    x, _ = er.training_images(reference)
+    return float(ink(x).min())
+
+
+def agreement(preds: dict, x: np.ndarray, target: np.ndarray, floor: float) -> dict:
+    """Each judge's target agreement on x (a blank image is a miss for all), "all agree", and
+    the blank rate."""
+    blank = ink(x) < floor
+    hits = {name: (predict(x) == target) & ~blank for name, predict in preds.items()}
     row = {name: er.rate(h) for name, h in hits.items()}
+    row["blank"] = er.rate(blank)
     row["all_agree"] = er.rate(np.all(list(hits.values()), axis=0))
     row["pixel_judges_agree"] = er.rate(np.all([h for n, h in hits.items() if n != "oracle"], axis=0))
     return row
 
 
-def calibration(preds: dict, reference: Path) -> dict:
+def calibration(preds: dict, reference: Path, floor: float) -> dict:
     real = np.load(reference / "mnist_test_real.npz")
     x = real["x"][er.HELD_OUT].astype(np.float32).reshape(-1, 28, 28, 1) / 255.0
     y = real["y"][er.HELD_OUT].argmax(1)
-    rows = {"real test digits (accuracy)": agreement(preds, x, y)}
+    rows = {"real test digits (accuracy)": agreement(preds, x, y, floor)}
     for name in ("GEN", "GB", "GL"):
         f = np.load(reference / f"mnist_cf_{name}.npz")
         q = f["q"][er.HELD_OUT].astype(np.int64)
         ok = q >= 0
         cfs = f["cfs"][er.HELD_OUT][ok].astype(np.float32).reshape(-1, 28, 28, 1) / 255.0
-        rows[f"authors' {name}"] = agreement(preds, cfs, q[ok])
+        rows[f"authors' {name}"] = agreement(preds, cfs, q[ok], floor)
     return rows
 
 
@@ -81,12 +101,12 @@ def calibrated(rows: dict) -> dict:
     return out
 
 
-def cf_row(preds: dict, path: Path) -> dict:
+def cf_row(preds: dict, path: Path, floor: float) -> dict:
     with np.load(path) as f:
         d = {k: f[k] for k in ("x", "x_cf", "y_target", "y_pred", "y_cf_pred")}
     asked = d["y_target"] != d["y_pred"]
     target = d["y_target"][asked]
-    row = agreement(preds, d["x_cf"][asked], target)
+    row = agreement(preds, d["x_cf"][asked], target, floor)
     row["flip_rate"] = er.rate(d["y_cf_pred"][asked] == target)
     row["l1_per_pixel"] = round(float(np.mean(np.abs(d["x_cf"][asked] - d["x"][asked]))), 4)
     return row
@@ -97,9 +117,9 @@ def fmt(r: dict) -> str:
 
 
 def table(rows: dict) -> str:
-    cols = ("oracle", "rbf", "knn", "pixel_judges_agree", "all_agree")
-    lines = ["| images | n | ResNet oracle | RBF judge | k-NN judge | both pixel judges | all three |",
-             "|---|---|---|---|---|---|---|"]
+    cols = ("oracle", "rbf", "knn", "pixel_judges_agree", "all_agree", "blank")
+    lines = ["| images | n | ResNet oracle | RBF judge | k-NN judge | both pixel judges | all three | blank |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['oracle']['n']} | " + " | ".join(fmt(r[c]) for c in cols) + " |")
     return "\n".join(lines)
@@ -120,9 +140,10 @@ def main(argv=None) -> dict:
     if missing:
         p.error(f"no such CF.npz: {missing[0]}")
     preds = panel(reference, Path(args.judge_cache) if args.judge_cache else None, Path(args.oracle))
-    cal = calibration(preds, reference)
-    rows = {Path(c).name: cf_row(preds, Path(c)) for c in args.cf}
-    result = {"calibration": cal, "calibrated": calibrated(cal), "counterfactuals": rows}
+    floor = ink_floor(reference)
+    cal = calibration(preds, reference, floor)
+    rows = {Path(c).name: cf_row(preds, Path(c), floor) for c in args.cf}
+    result = {"ink_floor": floor, "calibration": cal, "calibrated": calibrated(cal), "counterfactuals": rows}
     print("calibration (MNIST test images 5000-9999):\n" + table(cal))
     print("calibrated:", result["calibrated"])
     if rows:

@@ -59,7 +59,11 @@ def test_end_to_end_on_a_stand_in_reference(panel_mod, tmp_path):
     cf = tmp_path / "cf.npz"
     src = te.images[40:80]
     np.savez(cf, x=q, x_cf=src, y_target=t, y_pred=pred, y_cf_pred=t)
-    out = panel_mod.main([str(cf), "--reference", str(ref), "--judge-cache", str(tmp_path / "judges.npz"),
+    # erased queries: every judge reads an empty image as a 1, the panel counts it as a miss
+    blank = tmp_path / "blank.npz"
+    tb = np.ones(10, np.int64)
+    np.savez(blank, x=te.images[:10], x_cf=np.zeros_like(te.images[:10]), y_target=tb, y_pred=tb * 0, y_cf_pred=tb)
+    out = panel_mod.main([str(cf), str(blank), "--reference", str(ref), "--judge-cache", str(tmp_path / "judges.npz"),
                           "--json", str(tmp_path / "panel.json")])
     cal = out["calibration"]
     assert cal["authors' GB"]["rbf"]["rate"] < 0.05 and cal["authors' GB"]["knn"]["rate"] < 0.05
@@ -70,3 +74,8 @@ def test_end_to_end_on_a_stand_in_reference(panel_mod, tmp_path):
     assert row["oracle"]["n"] == 20  # the 20 queries whose target equals the prediction are left out
     assert row["oracle"]["rate"] >= 0.9 and row["rbf"]["rate"] >= 0.9 and row["knn"]["rate"] >= 0.9
     assert (tmp_path / "panel.json").exists() and (tmp_path / "judges.npz").exists()
+    assert row["blank"]["rate"] == 0.0
+    erased = out["counterfactuals"]["blank.npz"]
+    assert erased["blank"]["rate"] == 1.0 and erased["flip_rate"]["rate"] == 1.0
+    assert erased["oracle"]["rate"] == erased["rbf"]["rate"] == erased["knn"]["rate"] == 0.0
+    assert 0 < out["ink_floor"] < 0.05
