@@ -248,6 +248,7 @@ CLI_CASES = [
     ("disc-tv-weight-inf", ["explain", "disc", "--out", "OUT", "--tv-weight", "inf"], "--tv-weight"),
     ("disc-l2-weight-negative", ["explain", "disc", "--out", "OUT", "--l2-weight", "-0.1"], "--l2-weight"),
     ("disc-ink-weight-nan", ["explain", "disc", "--out", "OUT", "--ink-weight", "nan"], "--ink-weight"),
+    ("disc-keep-ink-weight-negative", ["explain", "disc", "--out", "OUT", "--keep-ink-weight", "-2"], "--keep-ink-weight"),
     ("disc-mc-weight-negative", ["explain", "disc", "--out", "OUT", "--mc-weight", "-0.5"], "--mc-weight"),
     ("disc-jitter-negative", ["explain", "disc", "--out", "OUT", "--jitter", "-1"], "--jitter"),
     ("disc-jitter-fraction", ["explain", "disc", "--out", "OUT", "--jitter", "1.5"], "--jitter"),

@@ -9,6 +9,7 @@ class y', optimise an image x_bar = render(phi) (see :mod:`cfjax.models.priors`)
       + lambda_bn   * bn_statistics_loss(...)                   DeepInversion BatchNorm statistics
       + lambda_tv   * total_variation(x_bar) + lambda_l2 * l2_prior(x_bar)
       + lambda_ink  * ink_prior(x_bar)                          strokes, not grey (off by default)
+      + lambda_keep * ink_shortfall(x_bar, x, keep_fraction)     do not erase the digit (off by default)
       + lambda_l1   * pixel_proximity(x_bar, x)
 
 Each term is its own pure function (per-example values, batch = leading axis); the BatchNorm
@@ -115,6 +116,15 @@ def ink_prior(x: jax.Array) -> jax.Array:
     return jnp.mean(x * (1.0 - x), (1, 2, 3))
 
 
+def ink_shortfall(x: jax.Array, x_query: jax.Array, fraction: float) -> jax.Array:
+    """How far the ink (mean pixel value) of x falls short of ``fraction`` of the query's, as a
+    share of that amount: max(0, f·ink(x_query) - ink(x)) / (f·ink(x_query)); (B, H, W, C) twice
+    -> (B,) in [0, 1]. Zero while x keeps enough ink, 1 for an empty image: a counterfactual of a
+    digit is a digit, not an erased page (which classifiers tend to read as a 1)."""
+    need = fraction * jnp.mean(x_query, (1, 2, 3))
+    return jax.nn.relu(need - jnp.mean(x, (1, 2, 3))) / jnp.maximum(need, _TINY)
+
+
 def pixel_proximity(x: jax.Array, x_query: jax.Array, p: float = 1) -> jax.Array:
     """Mean |x - x_query|^p per image: (B, H, W, C) twice -> (B,) (p=1: mean absolute change)."""
     return jnp.mean(jnp.abs(x - x_query) ** p, (1, 2, 3))
@@ -139,7 +149,8 @@ class DISCConfig:
     Weights: lambda_cf (target class), lambda_feat (classifier-feature proximity), lambda_mc
     (DUQ manifold consistency; used only when a DUQ model is given), lambda_bn (BatchNorm
     statistics), lambda_tv (total variation), lambda_l2 (l2 prior), lambda_l1 (l1 proximity),
-    lambda_ink (ink prior: pixels near 0 or 1).
+    lambda_ink (ink prior: pixels near 0 or 1), lambda_keep (ink shortfall below
+    ``keep_fraction`` of the query's ink).
     steps: counterfactual steps in all (split evenly over the stages); lr: Adam learning rate
     (None: the prior's default); schedule: "cosine" decay within each stage or "constant";
     prior: "pixels" | "dip" | "inr" with ``prior_options`` ((field, value), ...) for its
@@ -166,6 +177,8 @@ class DISCConfig:
     lambda_l2: float = 0.05
     lambda_l1: float = 0.5
     lambda_ink: float = 0.0
+    lambda_keep: float = 0.0
+    keep_fraction: float = 0.5
     steps: int = 300
     lr: float | None = None
     schedule: str = "cosine"
@@ -219,6 +232,8 @@ class DISCConfig:
             raise CfjaxError(f"DISC steps ({self.steps}) must be at least the number of progressive stages ({len(stages)})")
         if self.coarse_to_fine and self.prior != "pixels":
             raise CfjaxError(f"coarse_to_fine is implemented for the pixels prior only, not {self.prior!r}")
+        if not (isinstance(self.keep_fraction, (int, float)) and 0 < self.keep_fraction <= 1):
+            raise CfjaxError(f"DISC keep_fraction must be in (0, 1], got {self.keep_fraction!r}", argument="keep_fraction")
         if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
             raise CfjaxError(f"DISC margin must be in [0, 1), got {self.margin!r}")
         if self.bn_convention not in BN_CONVENTIONS:
@@ -322,6 +337,8 @@ def image_objective(x, d: StageData, spec: Stage, shift_key: jax.Array | None = 
         per_ex = per_ex + cfg.lambda_l1 * pixel_proximity(x, d.xq, 1)
     if cfg.lambda_ink > 0:
         per_ex = per_ex + cfg.lambda_ink * ink_prior(x)
+    if cfg.lambda_keep > 0:
+        per_ex = per_ex + cfg.lambda_keep * ink_shortfall(x, d.xq, cfg.keep_fraction)
     total: jax.Array | float = 0.0
     if spec.use_bn:
         bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.first_bn_weight)
