@@ -69,15 +69,19 @@ def target_class_loss(logits: jax.Array, target: jax.Array, mode: str = "ce", ta
     the progressive schedule asks for "at least t" and the other terms then keep the change small
     (t = 1 is the cross-entropy itself).
     """
+    _check_target_mode(mode)
     logp = jax.nn.log_softmax(logits, -1)
     lp = jnp.take_along_axis(logp, target[:, None].astype(jnp.int32), -1)[:, 0]
     if mode == "ce":
         return -lp
-    if mode == "prob":
-        if target_prob is None:
-            raise CfjaxError("target_class_loss mode 'prob' needs target_prob in (0, 1)")
-        return jax.nn.relu(jnp.log(target_prob) - lp)
-    raise CfjaxError(f"unknown target loss mode {mode!r}: choose one of {', '.join(TARGET_MODES)}")
+    if target_prob is None:
+        raise CfjaxError("target_class_loss mode 'prob' needs target_prob in (0, 1)")
+    return jax.nn.relu(jnp.log(target_prob) - lp)
+
+
+def _check_target_mode(mode: str) -> None:
+    if mode not in TARGET_MODES:
+        raise CfjaxError(f"unknown target loss mode {mode!r}: choose one of {', '.join(TARGET_MODES)}")
 
 
 def feature_proximity(feats_cf: jax.Array, feats_query: jax.Array) -> jax.Array:
@@ -280,8 +284,7 @@ def make_stage(apply_fn: Callable, config: DISCConfig, prior: Any, *, mode: str 
     ``apply_fn(variables, x, **apply_kwargs)`` and, with ``log_kernel_fn``, DUQ manifold
     consistency. The config's seed and generator-fit settings act before the stages, so they are
     dropped here: runs that differ only there share the stage's compilation."""
-    if mode not in TARGET_MODES:
-        raise CfjaxError(f"unknown target loss mode {mode!r}: choose one of {', '.join(TARGET_MODES)}")
+    _check_target_mode(mode)
     steps = config.steps if steps is None else steps
     lr = float(lr or config.lr or prior.default_lr)
     stage_cfg = dataclasses.replace(config, seed=0, fit_steps=0, fit_lr=None)
@@ -617,7 +620,7 @@ def generate(
         if cfg.coarse_to_fine and i == 1:
             prior = dataclasses.replace(prior, factor=1)
             params, aux = _refine_jit(params, aux, prior)
-        spec = make_stage(apply_fn, cfg, prior, mode=mode, steps=st, lr=lr, apply_kwargs=dict(kw), log_kernel_fn=kernel_fn)
+        spec = make_stage(apply_fn, cfg, prior, mode=mode, steps=st, lr=lr, apply_kwargs=apply_kwargs, log_kernel_fn=kernel_fn)
         data = StageData(aux, xq, feats_q, t, jnp.float32(tp), variables, duq_vars)
         params, best_x, found, last_x, _ = run_stage(params, data, spec)
         stage_x = jnp.where(_expand(found, best_x), best_x, last_x)
