@@ -5,8 +5,8 @@ Setting on both sides: the shipped mnist5k flow, target = next class, the CLI de
 
 Roofline (benchmarks.roofline): FLOPs per counterfactual from the jaxpr of the timed program,
 achieved GFLOP/s of both sides, and the ceilings measured in the same run. The shipped IB-INN
-flow (``mnist5k_flow``, the CLI's default model; no twin) gets cfjax-only rows (``ibinn_rows``)
-with the CLI's ECINN settings.
+flow (``mnist5k_flow``, the CLI's default model) is timed the same way against its own twin
+(``benchmarks.twins.ibinn``, parity asserted first) with the CLI's ECINN settings (``ibinn_part``).
 """
 
 from __future__ import annotations
@@ -26,16 +26,23 @@ QUICK_SIZES = (1, 8, 32)
 HEADLINE = 256
 
 
-def load():
+GLOW_MODEL, IBINN_MODEL = "mnist5k_glow", "mnist5k"
+
+
+def load(model: str = GLOW_MODEL):
+    """(params, config, twin, test images, torch) for a shipped flow: ``"mnist5k_glow"`` (the
+    FrEIA twin) or ``"mnist5k"`` (the IB-INN flow and its plain-torch twin)."""
     import torch
 
     from benchmarks.twins.flow import TwinFlowClassifier
+    from benchmarks.twins.ibinn import TwinIBINNClassifier
     from cfjax.data import load_dataset
+    from cfjax.models.flow_classifier import is_ibinn
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
 
-    params, config, _ = load_flow(default_model_dir("flow", "mnist5k_glow"))
-    twin = TwinFlowClassifier(params, config).eval()
+    params, config, _ = load_flow(default_model_dir("flow", model))
+    twin = (TwinIBINNClassifier if is_ibinn(config) else TwinFlowClassifier)(params, config).eval()
     images = load_dataset("mnist5k", "test").images
     return params, config, twin, images, torch
 
@@ -65,47 +72,62 @@ def cli_settings() -> tuple:
     return DEFAULT_STEP, DEFAULT_REFINE
 
 
-def ibinn_rows(sizes, reps: int, budget_s: float, images, log=print) -> dict:
-    """cfjax-only rows for the shipped IB-INN flow (no twin), CLI settings, with roofline columns."""
+def ibinn_part(sizes, reps: int, budget_s: float, quick: bool = False, log=print) -> dict:
+    """The shipped IB-INN flow (the CLI's default model) against its twin, with the CLI's ECINN
+    settings: parity, rows and roofline columns, as :func:`run` does for the Glow flow."""
+    loaded = load(IBINN_MODEL)
+    step, refine = cli_settings()
+    part = {"parity": parity(16 if quick else 64, loaded, step, refine), "tolerances": TOL}
+    log(f"ecinn (IB-INN flow) parity ok: {part['parity']}")
+    _timed_rows(part, loaded, sizes, reps, budget_s, step, refine, "ecinn (IB-INN flow)", log)
+    part["settings"] = {"model": "cfjax/pretrained/mnist5k_flow (IB-INN network)", "step": step, "direction": DIRECTION,
+                        "refine": refine, "target": "next", "repeats": reps,
+                        "twin": "benchmarks.twins.ibinn (plain torch, NCHW), eager, inference_mode"}
+    return part
+
+
+def _timed_rows(res: dict, loaded, sizes, reps: int, budget_s: float, step, refine: int, label: str, log=print) -> None:
+    """Rows cfjax vs twin over ``sizes`` (interleaved), headline and roofline columns, into ``res``."""
     import jax
     import jax.numpy as jnp
 
     from benchmarks import roofline
-    from cfjax.pipelines.train_flow import load_flow
-    from cfjax.pretrained import default_model_dir
+    from benchmarks.twins.flow import ecinn_next_class
 
-    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
-    step, refine = cli_settings()
+    params, config, twin, images, torch = loaded
     cf = cfjax_fn(config, step, DIRECTION, refine)
-    rows, prev, head_fns = [], None, {}
+    dev = res["twin_device"] = common.twin_device()
+    if dev != "cpu":  # parity was checked on the CPU twin; time a copy on the device
+        with common.twin_context(dev):
+            twin = type(twin)(params, config).eval()
+    head = HEADLINE if HEADLINE in sizes else sizes[-1]
+    rows, prev, head_fns = [], None, None
     for b in sizes:
-        if prev is not None and prev["cfjax_s"] * b / prev["batch"] * (reps + 2) > budget_s:
-            rows.append({"batch": b, "skipped": True, "reason": f"estimated time > budget {budget_s:.0f}s"})
+        skip = common.budget_skip(prev, b, reps, budget_s, 5)
+        if skip is not None:
+            rows.append(skip)
+            log(f"{label} batch {b}: skipped ({skip['reason']})")
             continue
-        xj = jnp.asarray(np.resize(images, (b, *images.shape[1:])).astype(np.float32))
-        f = lambda xj=xj: jax.block_until_ready(cf(params, xj))  # noqa: E731
-        t_first = common.timed(f)
-        ts = common.interleaved({"cfjax": f}, reps)["cfjax"]
-        tj = common.median(ts)
-        row = {"batch": b, "cfjax_s": tj, "cfjax_cf_per_s": b / tj, "cfjax_compile_s": max(t_first - tj, 0.0), "cfjax_times": ts}
+        x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
+        xj = jnp.asarray(x)
+        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
+        f_jax = lambda xj=xj: jax.block_until_ready(cf(params, xj))  # noqa: E731 - bound: kept for the roofline
+        f_torch = common.on_twin_device(lambda xt=xt: ecinn_next_class(twin, xt, step, refine), dev)  # noqa: E731
+        row = common.time_pair(b, f_jax, f_torch, reps, b, "cf_per_s", b == head, False)
+        if b == head:
+            head_fns = {"cfjax": f_jax, "twin": f_torch}
         rows.append(row)
         prev = row
-        head_fns[b] = f
-        log(f"ecinn (IB-INN flow, cfjax only) batch {b}: {b / tj:.0f} cf/s")
-    done = [r["batch"] for r in rows if not r.get("skipped")]
-    head = HEADLINE if HEADLINE in done else (done[-1] if done else sizes[-1])
-    part = {"rows": rows, "headline": {"batch": head}, "settings": {"model": "cfjax/pretrained/mnist5k_flow (IB-INN network)",
-                                                                     "step": step, "direction": DIRECTION, "refine": refine,
-                                                                     "target": "next", "repeats": reps}}
-    if done:
-        roofline.attach(part, lambda b: roofline.jaxpr_flops(cf, params, jnp.zeros((b, *images.shape[1:]), jnp.float32)), twin=False,
-                        xla_at=lambda b: roofline.xla_flops(cf, params, jnp.zeros((b, *images.shape[1:]), jnp.float32)), log=log,
-                        headline_fns={"cfjax": head_fns[head]} if head in head_fns else None)
-    return part
+        log(f"{label} batch {b}: cfjax {b / row['cfjax_s']:.0f} cf/s, twin {b / row['twin_s']:.0f} cf/s, speedup {row['speedup']:.2f}x")
+    common.set_headline(res, rows, head, 3.0 if head <= 16 else 1.5)
+    shape = images.shape[1:]
+    roofline.attach(res, lambda b: roofline.jaxpr_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)),
+                    xla_at=lambda b: roofline.xla_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)), log=log, headline_fns=head_fns)
 
 
-def parity(n: int = 64, loaded=None) -> dict:
-    """Max abs differences cfjax vs twin on n test images; raises AssertionError beyond TOL."""
+def parity(n: int = 64, loaded=None, step=STEP, refine: int = REFINE) -> dict:
+    """Max abs differences cfjax vs twin on n test images (ECINN with ``step`` and ``refine``);
+    raises AssertionError beyond TOL."""
     import jax
     import jax.numpy as jnp
 
@@ -115,7 +137,7 @@ def parity(n: int = 64, loaded=None) -> dict:
     params, config, twin, images, torch = loaded or load()
     x = images[:n]
     xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
-    cf = cfjax_fn(config)
+    cf = cfjax_fn(config, step, DIRECTION, refine)
 
     @jax.jit
     def all_at_once(params, x):  # one compilation for the three checks
@@ -126,9 +148,9 @@ def parity(n: int = 64, loaded=None) -> dict:
     with torch.inference_mode():
         zt, ldt = twin.encode(xt)
         xr_t = twin.decode(zt)
-    out_t = ecinn_next_class(twin, xt, STEP, REFINE)
+    out_t = ecinn_next_class(twin, xt, step, refine)
     d = {
-        "n": n,
+        "n": n, "step": step, "refine": refine,
         "latent_z": float(np.abs(np.asarray(z) - zt.numpy()).max()),
         "logdet": float(np.abs(np.asarray(ld) - ldt.numpy()).max()),
         "decode_x": float(np.abs(np.asarray(xr).transpose(0, 3, 1, 2) - xr_t.numpy()).max()),
@@ -144,53 +166,16 @@ def parity(n: int = 64, loaded=None) -> dict:
 
 def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None, sizes: tuple | None = None, log=print,
         ibinn: bool = True) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks import roofline
-    from benchmarks.twins.flow import ecinn_next_class
-
     res = common.base_result("ecinn", quick)
     loaded = load()
-    params, config, twin, images, torch = loaded
     res["parity"] = parity(16 if quick else 64, loaded)
     res["tolerances"] = TOL
     log(f"ecinn parity ok: {res['parity']}")
-    cf = cfjax_fn(config)
     sizes = tuple(sizes) if sizes else (QUICK_SIZES if quick else SIZES)
     reps = repeats or (3 if quick else 5)
-    head_fns = None
-    dev = res["twin_device"] = common.twin_device()
-    if dev != "cpu":  # parity was checked on the CPU twin; time a copy on the device
-        from benchmarks.twins.flow import TwinFlowClassifier
-
-        with common.twin_context(dev):
-            twin = TwinFlowClassifier(params, config).eval()
-    rows, prev = [], None
-    for b in sizes:
-        skip = common.budget_skip(prev, b, reps, budget_s, 5)
-        if skip is not None:
-            rows.append(skip)
-            log(f"ecinn batch {b}: skipped ({skip['reason']})")
-            continue
-        x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
-        xj = jnp.asarray(x)
-        xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
-        f_jax = lambda xj=xj: jax.block_until_ready(cf(params, xj))  # noqa: E731 - bound: kept for the roofline
-        f_torch = common.on_twin_device(lambda xt=xt: ecinn_next_class(twin, xt, STEP, REFINE), dev)  # noqa: E731
-        row = common.time_pair(b, f_jax, f_torch, reps, b, "cf_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), False)
-        if b == (HEADLINE if HEADLINE in sizes else sizes[-1]):
-            head_fns = {"cfjax": f_jax, "twin": f_torch}
-        tj, tt = row["cfjax_s"], row["twin_s"]
-        rows.append(row)
-        prev = row
-        log(f"ecinn batch {b}: cfjax {b / tj:.0f} cf/s, twin {b / tt:.0f} cf/s, speedup {tt / tj:.2f}x")
-    common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
-    shape = images.shape[1:]
-    roofline.attach(res, lambda b: roofline.jaxpr_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)),
-                    xla_at=lambda b: roofline.xla_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)), log=log, headline_fns=head_fns)
+    _timed_rows(res, loaded, sizes, reps, budget_s, STEP, REFINE, "ecinn", log)
     if ibinn:
-        res["ibinn"] = ibinn_rows(sizes, reps, budget_s, images, log)
+        res["ibinn"] = ibinn_part(sizes, reps, budget_s, quick, log)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_glow_flow", "step": STEP, "direction": DIRECTION, "refine": REFINE,
                        "target": "next", "repeats": reps, "timing": "median of interleaved repeats after one warm-up call",
                        "twin": "FrEIA SequenceINN, torch eager, inference_mode", "cfjax": "jax.jit of encode + counterfactual_from_latent",

@@ -194,7 +194,9 @@ def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: st
     ax.plot(xs, [r[f"cfjax_{y_key}"] for r in rows], "o-", label="cfjax (JAX, jit)")
     ax.plot(xs, [r[f"twin_{y_key}"] for r in rows], "s--", label="PyTorch twin (eager)")
     if extra:
-        ax.plot([r[x_key] for r in extra], [r[f"cfjax_{y_key}"] for r in extra], "^-", label="cfjax, IB-INN flow (no twin)")
+        ax.plot([r[x_key] for r in extra], [r[f"cfjax_{y_key}"] for r in extra], "^-", label="cfjax, IB-INN flow")
+        if all(f"twin_{y_key}" in r for r in extra):
+            ax.plot([r[x_key] for r in extra], [r[f"twin_{y_key}"] for r in extra], "v--", label="twin, IB-INN flow")
     ax.set_ylabel(ylabel)
     if roof:
         ax2 = axes[1]
@@ -202,6 +204,8 @@ def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: st
         ax2.plot(xs, [r["twin_gflop_s"] for r in rows], "s--", color="C1", label="twin")
         if extra and any("cfjax_gflop_s" in r for r in extra):
             ax2.plot([r[x_key] for r in extra], [r.get("cfjax_gflop_s") for r in extra], "^-", color="C2", label="cfjax, IB-INN flow")
+            if all("twin_gflop_s" in r for r in extra):
+                ax2.plot([r[x_key] for r in extra], [r["twin_gflop_s"] for r in extra], "v--", color="C3", label="twin, IB-INN flow")
         ceil = result["roofline"]["ceilings"]
         for side, color in (("cfjax", "C0"), ("twin", "C1")):
             m = ceil["matmul"].get(side)

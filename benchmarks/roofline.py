@@ -532,7 +532,7 @@ def markdown_table(results_dir, tag: str = "cpu") -> str:
         r = json.loads(path.read_text())
         parts = [(name, r)]
         if r.get("ibinn"):
-            parts.append((f"{name} (IB-INN flow, no twin)", r["ibinn"]))
+            parts.append((f"{name} (IB-INN flow)" if any("twin_s" in x for x in r["ibinn"]["rows"]) else f"{name} (IB-INN flow, no twin)", r["ibinn"]))
         for label, part in parts:
             per = (part.get("settings") or {}).get("steps_per_call", 1) if name == "disc" else 1
             for row in part["rows"]:

@@ -23,9 +23,11 @@ if REPO not in sys.path:
 from benchmarks import bench_disc, bench_ecinn, bench_train_flow  # noqa: E402
 from benchmarks.twins.disc import TwinCNN  # noqa: E402
 from benchmarks.twins.flow import TwinFlowClassifier  # noqa: E402
+from benchmarks.twins.ibinn import TwinIBINNClassifier  # noqa: E402
 from cfjax.models import flow_classifier as fc  # noqa: E402
 from cfjax.models.classifier import ClassifierConfig, classifier_apply, init_classifier  # noqa: E402
 from cfjax.models.glow import GlowConfig  # noqa: E402
+from cfjax.models.ibinn import IBINNConfig  # noqa: E402
 from cfjax.models.latent import LatentConfig  # noqa: E402
 
 torch.set_num_threads(1)  # small batches on shared cores: one thread is the fast setting
@@ -73,6 +75,54 @@ def test_ecinn_parity_can_fail(tiny_flow):
         bench_ecinn.parity(16, (params, config, bad, x, torch))
 
 
+TINY_IBINN = fc.FlowClassifierConfig(
+    glow=IBINNConfig(image_shape=(8, 8, 1), blocks_high=2, blocks_low=2, width_high=4, width_low=8, dense_width=16),
+    latent=LatentConfig(num_classes=10, beta=8.0),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_ibinn():
+    """A tiny IB-INN flow classifier with every weight and BN statistic moved off its init."""
+    x = _images(32, TINY_IBINN.image_shape)
+    params = fc.init_flow_classifier(jax.random.PRNGKey(0), TINY_IBINN, x)
+    rng = np.random.default_rng(3)  # larger moves make the 4-block inverse ill-conditioned in float32
+    params["glow"]["net"] = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params["glow"]["net"])
+    params["glow"]["bn"] = jax.tree_util.tree_map(lambda a: a + 0.3 * np.abs(rng.standard_normal(a.shape)).astype(np.float32), params["glow"]["bn"])
+    params["class_means"] = params["class_means"] + 0.3 * rng.standard_normal(params["class_means"].shape).astype(np.float32)
+    return params, TINY_IBINN, TwinIBINNClassifier(params, TINY_IBINN).eval(), x
+
+
+@pytest.mark.parametrize("step", ["code", "adaptive"])
+def test_ibinn_twin_matches_cfjax(tiny_ibinn, step):
+    """The IB-INN twin: latents, log-determinants, decodes and ECINN (a step rule and the CLI's
+    search rule, with refinement rounds) equal cfjax's within the benchmark's tolerances."""
+    params, config, twin, x = tiny_ibinn
+    d = bench_ecinn.parity(16, (params, config, twin, x, torch), step, 2)
+    assert d["latent_z"] <= bench_ecinn.TOL["latent_z"] and d["x_cf"] <= bench_ecinn.TOL["x_cf"]
+    assert d["same_refine_rounds"] and d["same_y_pred"]
+
+
+def test_ibinn_twin_parity_can_fail(tiny_ibinn):
+    """One BN running mean of one low-resolution block changed in the twin: parity must fail."""
+    params, config, _, x = tiny_ibinn
+    before = np.array(params["glow"]["bn"]["low"]["norm1"]["mean"])
+    bad = TwinIBINNClassifier(params, config).eval()
+    with torch.no_grad():
+        bad.flow.low[1].mean0.add_(0.5)
+    # the twin holds copies: changing it must not reach the JAX parameters
+    np.testing.assert_array_equal(np.asarray(params["glow"]["bn"]["low"]["norm1"]["mean"]), before)
+    with pytest.raises(AssertionError, match="parity failed"):
+        bench_ecinn.parity(16, (params, config, bad, x, torch), "code", 2)
+
+
+def test_ibinn_twin_refuses_a_glow_flow(tiny_flow):
+    from cfjax.errors import CfjaxError
+
+    with pytest.raises(CfjaxError, match="IB-INN"):
+        TwinIBINNClassifier(tiny_flow[0], TINY_FLOW)
+
+
 def test_twin_is_built_from_freia_blocks(tiny_flow):
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
@@ -113,6 +163,7 @@ def test_disc_twin_matches_cfjax():
 def test_shipped_models_match_their_twins():
     """The benchmarks' own parity on the shipped checkpoints (what every benchmark asserts first)."""
     bench_ecinn.parity(16)
+    bench_ecinn.parity(16, bench_ecinn.load(bench_ecinn.IBINN_MODEL), *bench_ecinn.cli_settings())
     bench_disc.parity(8)
     bench_train_flow.parity(8)
 

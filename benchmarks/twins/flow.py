@@ -47,7 +47,7 @@ from torch import nn
 
 from cfjax.errors import CfjaxError
 
-_T = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+_T = lambda a: torch.from_numpy(np.array(a, np.float32, copy=True))  # noqa: E731 - a copy: never a view of a JAX buffer
 
 
 class LUConv1x1(Fm.InvertibleModule):
@@ -227,8 +227,9 @@ STEP_RULES = {
 }
 
 
-def latent_step(model: TwinFlowClassifier, z, source, target, step="short"):
-    """cfjax.methods.ecinn.latent_step with direction="predicted_means": (z_cf, alpha0, alpha)."""
+def latent_step(model, z, source, target, step="short"):
+    """cfjax.methods.ecinn.latent_step with direction="predicted_means": (z_cf, alpha0, alpha);
+    ``step`` a key of :data:`STEP_RULES` or a function of alpha0."""
     mu, means = model.mu, model.class_means
     d = means[target] - means[source]
     dmu = mu[target] - mu[source]
@@ -238,32 +239,54 @@ def latent_step(model: TwinFlowClassifier, z, source, target, step="short"):
     b = -0.5 * ((mu[source] + mu[target]) * w).sum(-1)
     wd = (w * d).sum(-1)
     alpha0 = (-b - (w * z).sum(-1)) / torch.where(same | (wd == 0), torch.ones_like(wd), wd)
-    alpha = STEP_RULES[step](alpha0)
+    alpha = (STEP_RULES[step] if isinstance(step, str) else step)(alpha0)
     alpha = torch.where(same, torch.zeros_like(alpha), alpha)
     alpha0 = torch.where(same, torch.zeros_like(alpha0), alpha0)
     return z + alpha[:, None] * d, alpha0, alpha
 
 
+# Search rules (cfjax.methods.ecinn.SEARCH_RULES): candidate rules farthest first, and the mean
+# out-of-range tolerance; refinement rounds step by the last candidate.
+SEARCH_RULES = {"adaptive": ((lambda a0: 1.2 + 0.5 * a0, lambda a0: 1.0 + 0.5 * a0, STEP_RULES["code"]), 0.03)}
+
+
+def step_and_decode(model, z, source, target, step="short"):
+    """cfjax.methods.ecinn.step_and_decode (predicted means): x_cf (B, C, H, W) clipped, for a step
+    rule or a search rule (its K candidates decoded in one batched call)."""
+    if not (isinstance(step, str) and step in SEARCH_RULES):
+        z_cf, _, _ = latent_step(model, z, source, target, step)
+        return torch.clamp(model.decode(z_cf), 0.0, 1.0)
+    rules, tolerance = SEARCH_RULES[step]
+    bsz, k = z.shape[0], len(rules)
+    z_all = torch.cat([latent_step(model, z, source, target, r)[0] for r in rules])
+    x_raw = model.decode(z_all)
+    ok = ((x_raw - torch.clamp(x_raw, 0.0, 1.0)).abs().mean((1, 2, 3)) <= tolerance).reshape(k, bsz)
+    ok[-1] = True
+    pick = torch.argmax(ok.to(torch.int8), 0)  # the first (farthest) candidate in range
+    return torch.clamp(x_raw[pick * bsz + torch.arange(bsz)], 0.0, 1.0)
+
+
 @torch.inference_mode()
-def ecinn_next_class(model: TwinFlowClassifier, x: torch.Tensor, step: str = "short", refine: int = 2) -> dict:
+def ecinn_next_class(model, x: torch.Tensor, step: str = "short", refine: int = 2) -> dict:
     """ECINN counterfactuals to the next class ((predicted + 1) mod C), refinement as in cfjax:
-    x (B, C, H, W) in [0, 1] -> {x_cf (B, C, H, W), y_pred, target, z, z_cf, rounds}."""
+    x (B, C, H, W) in [0, 1] -> {x_cf (B, C, H, W), y_pred, target, z, rounds}. ``model``: a
+    :class:`TwinFlowClassifier` or a ``benchmarks.twins.ibinn.TwinIBINNClassifier``; ``step``: a
+    key of :data:`STEP_RULES` or :data:`SEARCH_RULES`."""
     n_cls = model.mu.shape[0]
     z, _ = model.encode(x)
     y_pred = torch.argmax(model.class_logits_z(z), -1)
     target = (y_pred + 1) % n_cls
-    z_cf, _, _ = latent_step(model, z, y_pred, target, step)
-    x_cf = torch.clamp(model.decode(z_cf), 0.0, 1.0)
+    x_cf = step_and_decode(model, z, y_pred, target, step)
+    round_step = SEARCH_RULES[step][0][-1] if isinstance(step, str) and step in SEARCH_RULES else step
     rounds = torch.zeros_like(y_pred, dtype=torch.int32)
     for _ in range(int(refine)):
         z1, _ = model.encode(x_cf)
         p1 = torch.argmax(model.class_logits_z(z1), -1)
         done = (p1 == target) | (y_pred == target)
-        z2, _, _ = latent_step(model, z1, p1, target, step)
-        x2 = torch.clamp(model.decode(z2), 0.0, 1.0)
+        x2 = step_and_decode(model, z1, p1, target, round_step)
         x_cf = torch.where(done[:, None, None, None], x_cf, x2)
         rounds = rounds + (~done).to(torch.int32)
-    return {"x_cf": x_cf, "y_pred": y_pred, "target": target, "z": z, "z_cf": z_cf, "rounds": rounds}
+    return {"x_cf": x_cf, "y_pred": y_pred, "target": target, "z": z, "rounds": rounds}
 
 
 # ----------------------------------------------------------------------------------------------
