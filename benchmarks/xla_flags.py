@@ -9,7 +9,8 @@ the headline batch (median of repeats after a warm-up call) and saves its output
 also holds the largest difference the flags make to the results.
 
 Workloads (the same functions the cfjax-vs-twin benchmarks time):
-  ecinn       encode + counterfactual_from_latent, CLI defaults, batch 256
+  ecinn       encode + counterfactual_from_latent on the Glow flow (mnist5k_glow), step "short", batch 256
+  ecinn_ibinn the same on the shipped IB-INN flow (the CLI's default model) with the CLI's settings
   train_flow  one IB-INN training step (jit), batch 64
   disc        disc.generate, the benchmark configuration with 5 Adam steps, batch 256
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-WORKLOADS = ("ecinn", "train_flow", "disc")
+WORKLOADS = ("ecinn", "ecinn_ibinn", "train_flow", "disc")
 CANDIDATE = "--xla_cpu_experimental_ynn_fusion_type=eltwise"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,11 +47,12 @@ def worker(workload: str, out: str, repeats: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    if workload == "ecinn":
+    if workload in ("ecinn", "ecinn_ibinn"):
         from benchmarks import bench_ecinn as b
 
-        params, config, _, images, _ = b.load()
-        cf = b.cfjax_fn(config)
+        ibinn = workload == "ecinn_ibinn"
+        params, config, _, images, _ = b.load(b.IBINN_MODEL if ibinn else b.GLOW_MODEL)
+        cf = b.cfjax_fn(config, *((b.cli_settings()[0], b.DIRECTION, b.cli_settings()[1]) if ibinn else ()))
         x = jnp.asarray(np.resize(images, (256, *images.shape[1:])).astype(np.float32))
         holder = {}
 
@@ -132,11 +134,11 @@ def main(argv=None) -> int:
             diff, p999 = float(d.max()), float(np.percentile(d, 99.9))
             row = {"workload": w, "plain_s": off, "flags_s": on, "plain_median_s": float(np.median(off)), "flags_median_s": float(np.median(on)),
                    "speedup": float(np.median(off) / np.median(on)), "max_abs_output_difference": diff, "p99_9_abs_output_difference": p999,
-                   "cfjax_applies": list(xla_cpu.flags_for(w))}
+                   "cfjax_applies": list(xla_cpu.flags_for(w.split("_ibinn")[0]))}
             res["rows"].append(row)
             print(f"{w}: plain {row['plain_median_s']:.3f} s, with {CANDIDATE} {row['flags_median_s']:.3f} s -> {row['speedup']:.2f}x; max |difference| {diff:.2e}; cfjax applies: {row['cfjax_applies'] or 'none'}")
     res["load_average_end"] = common.load_average()
-    res["notes"] = ("Outputs compared: ecinn x_cf (256, 28, 28, 1), train_flow the loss of a first step, disc x_cf after 5 steps "
+    res["notes"] = ("Outputs compared: ecinn and ecinn_ibinn x_cf (256, 28, 28, 1), train_flow the loss of a first step, disc x_cf after 5 steps "
                     "(256, 28, 28, 1). The flag changes how XLA fuses and so the float32 rounding; max and 99.9th percentile of "
                     "|difference| are given per workload.")
     common.save_json(res, a.out)

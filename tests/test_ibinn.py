@@ -169,3 +169,31 @@ def test_bad_input_shapes():
         ibinn.ibinn_forward(p, config, jnp.zeros((2, 9, 8, 1)))
     with pytest.raises(CfjaxError, match="expected z"):
         ibinn.ibinn_inverse(p, config, jnp.zeros((2, 63)))
+
+
+def _np_conv3x3(x, w, stride=1):
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros(x.shape[:3] + (w.shape[-1],))
+    for di in range(3):
+        for dj in range(3):
+            out += np.einsum("bhwc,co->bhwo", pad[:, di : di + x.shape[1], dj : dj + x.shape[2]], w[di, dj])
+    return out[:, ::stride, ::stride]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_eval_subnet_against_numpy(stride):
+    """Eval mode folds each BN into its convolution; the subnet must still equal the unfolded
+    formula conv - (h - mean) / sqrt(var + eps) * scale + bias - ReLU ... computed in NumPy."""
+    config = IBINNConfig(**SMALL)
+    p = _perturbed(config)
+    sub, st = ibinn._index(p["net"]["high"], 1), ibinn._index(p["bn"]["high"], 1)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (3, 4, 4, 2)))
+    out, new = ibinn._conv_subnet(sub, st, jnp.asarray(x), ibinn._Mode(config, False, None, False), relu_first=True, stride=stride)
+    assert new == {}
+    t = {k: jax.tree_util.tree_map(np.asarray, v) for k, v in sub.items()}
+    s = jax.tree_util.tree_map(np.asarray, st)
+    bn = lambda h, n: (h - s[n]["mean"]) / np.sqrt(s[n]["var"] + config.bn_eps) * t[n]["scale"] + t[n]["bias"]  # noqa: E731
+    h = np.maximum(bn(_np_conv3x3(np.maximum(x, 0.0), t["conv1"]), "norm1"), 0.0)
+    h = np.maximum(bn(_np_conv3x3(h, t["conv2"], stride), "norm2"), 0.0)
+    ref = np.einsum("bhwc,co->bhwo", h, t["conv3"]["w"][0, 0]) + t["conv3"]["b"]
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)

@@ -260,6 +260,16 @@ def _norm(p: dict, stats: dict | None, h: jax.Array, mode: _Mode):
     return (h - mean) * jax.lax.rsqrt(var + cfg.bn_eps) * p["scale"] + p["bias"], new
 
 
+def _conv_norm(w: jax.Array, p: dict, stats: dict | None, x: jax.Array, mode: _Mode, stride: int = 1):
+    """BN(conv(x, w)) (or conv + bias). In eval mode the BN is an affine map per output channel and
+    is folded into the convolution: conv(x, w k) + (bias - mean k), k = scale / sqrt(var + eps),
+    which saves a pass over the activations (the same function up to float32 rounding)."""
+    if mode.train or "scale" not in p:
+        return _norm(p, stats, _conv(x, w, stride), mode)
+    k = p["scale"] * jax.lax.rsqrt(stats["var"] + mode.config.bn_eps)
+    return _conv(x, w * k, stride) + (p["bias"] - stats["mean"] * k), None
+
+
 def _dropout2d(h: jax.Array, rate: float, mode: _Mode) -> jax.Array:
     if not mode.dropout or rate <= 0:
         return h
@@ -273,9 +283,9 @@ def _conv_subnet(p: dict, stats: dict, x: jax.Array, mode: _Mode, *, relu_first:
     if relu_first:
         x = jax.nn.relu(x)
     new = {}
-    h, new["norm1"] = _norm(p["norm1"], stats.get("norm1"), _conv(x, p["conv1"]), mode)
+    h, new["norm1"] = _conv_norm(p["conv1"], p["norm1"], stats.get("norm1"), x, mode)
     h = jax.nn.relu(h)
-    h, new["norm2"] = _norm(p["norm2"], stats.get("norm2"), _conv(h, p["conv2"], stride), mode)
+    h, new["norm2"] = _conv_norm(p["conv2"], p["norm2"], stats.get("norm2"), h, mode, stride)
     h = _dropout2d(jax.nn.relu(h), dropout, mode)
     out = _conv(h, p["conv3"]["w"]) + p["conv3"]["b"]
     return out, {k: v for k, v in new.items() if v is not None}
