@@ -65,9 +65,12 @@ def run(args) -> int:
     mod = _module(args.which)
     res = mod.run(quick=args.quick, budget_s=args.budget, repeats=args.repeats, sizes=getattr(args, "sizes", None))
     path = common.write_result(res, args.out_dir, mod.plot)
-    sp = "n/a (headline batch skipped)" if res["speedup"] is None else f"{res['speedup']:.2f}x"
-    verdict = "n/a" if res["target_met"] is None else ("met" if res["target_met"] else "missed")
-    print(f"{args.which}: speedup {sp} at batch {res['headline']['batch']} (target {res['headline']['target_speedup']:.0f}x: {verdict}) -> {path}")
+    for label, part in ((args.which, res), (f"{args.which} (IB-INN flow)", res.get("ibinn"))):
+        if not part or "speedup" not in part:
+            continue
+        sp = "n/a (headline batch skipped)" if part["speedup"] is None else f"{part['speedup']:.2f}x"
+        verdict = "n/a" if part["target_met"] is None else ("met" if part["target_met"] else "missed")
+        print(f"{label}: speedup {sp} at batch {part['headline']['batch']} (target {part['headline']['target_speedup']:g}x: {verdict}) -> {path}")
     return 0
 
 
