@@ -154,7 +154,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
         rows.append(row)
         prev = row
         log(f"disc batch {b}: cfjax {steps * b / tj:.0f} step-images/s, twin {steps * b / tw:.0f}, speedup {tw / tj:.2f}x")
-    common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 3.0)
+    common.set_headline(res, rows, HEADLINE if HEADLINE in sizes else sizes[-1], 1.25)  # issue 14: DISC at batch 256 >= 1.25x its twin
     roofline.attach(res, lambda b: flops_count(apply_fn, variables, cfg, b, images.shape[1:]), log=log, headline_fns=head_fns)
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_classifier", "config": {k: v for k, v in vars(cfg).items()},
                        "target": "next", "steps_per_call": steps, "repeats": reps,

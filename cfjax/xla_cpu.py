@@ -17,7 +17,10 @@ and numbers are in ``benchmarks/results/xla_cpu_flags_cpu.json``):
   compiles to one YNNPACK call instead of convolutions separated by XLA passes that write and
   re-read the (B, H, W, hidden) activations. Those passes dominated at these small channel counts;
   with the flag a subnet runs faster. Flow encode/decode, ECINN and flow training get it; DISC
-  does not (it runs slower with it).
+  does not (it runs slower with it). The IB-INN flow's eval mode folds each BatchNorm into its
+  convolution (``cfjax.models.ibinn._conv_norm``) so that its subnets are conv + bias + ReLU too:
+  with the BatchNorm left as a separate affine map the flag slowed the IB-INN ECINN program down
+  (0.8-0.9x), folded it speeds it up (``python -m benchmarks.xla_flags --workloads ecinn_ibinn``).
 
 Nothing is changed when the user's ``XLA_FLAGS`` already names the flag (theirs wins), when
 ``CFJAX_XLA_DEFAULTS=0`` is set, or once JAX's backend exists (too late to take effect). The

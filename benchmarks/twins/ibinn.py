@@ -140,13 +140,12 @@ class TwinIBINN(nn.Module):
         self.low = nn.ModuleList(_Subnet(take(net["low"], i), take(bn["low"], i), cfg.bn_eps, True) for i in range(cfg.blocks_low))
         self.strided = _Subnet(net["down"]["strided"], bn["down"]["strided"], cfg.bn_eps, False, stride=2)
         self.lowres = _Subnet(net["down"]["lowres"], bn["down"]["lowres"], cfg.bn_eps, False)
-        ch, cl = cfg.high_shape[-1], cfg.low_shape[-1]
-        self.register_buffer("q_high", _T(ibinn._mixings(cfg.mixing, cfg.mixing_seed, 0, cfg.blocks_high, ch)))
-        self.register_buffer("q_low", _T(ibinn._mixings(cfg.mixing, cfg.mixing_seed, 1, cfg.blocks_low, cl)))
+        self.register_buffer("q_high", _T(ibinn.mixings(cfg, "high")))
+        self.register_buffer("q_low", _T(ibinn.mixings(cfg, "low")))
         if cfg.dense:
             n = cfg.low_shape[0]
             self.register_buffer("dct", _T(ibinn.dct_matrix(n)))
-            perm = np.asarray(ibinn._dense_permutation(cfg.mixing_seed, cfg.latent_dim))
+            perm = np.asarray(ibinn.dense_permutation(cfg))
             self.register_buffer("perm", torch.as_tensor(perm, dtype=torch.long))
             self.register_buffer("perm_inv", torch.as_tensor(np.argsort(perm), dtype=torch.long))
             for k in ("fc1", "fc2"):

@@ -177,6 +177,19 @@ def _dense_permutation(seed: int, dim: int) -> np.ndarray:
     return np.random.default_rng([seed, 99]).permutation(dim)
 
 
+def mixings(config: IBINNConfig, stage: str) -> np.ndarray:
+    """The fixed channel mixings of ``stage`` ("high" or "low"): (blocks, c, c), block i's Q."""
+    if stage not in ("high", "low"):
+        raise CfjaxError(f"IB-INN stage must be 'high' or 'low', got {stage!r}")
+    n, c = (config.blocks_high, config.high_shape[-1]) if stage == "high" else (config.blocks_low, config.low_shape[-1])
+    return _mixings(config.mixing, config.mixing_seed, 0 if stage == "high" else 1, n, c)
+
+
+def dense_permutation(config: IBINNConfig) -> np.ndarray:
+    """The fixed permutation (D,) applied to the DCT coefficients before the dense coupling."""
+    return _dense_permutation(config.mixing_seed, config.latent_dim)
+
+
 @lru_cache(maxsize=None)
 def dct_matrix(n: int) -> np.ndarray:
     """Orthonormal DCT-II matrix (n, n): ``X[k] = sum_i M[k, i] x[i]``."""
@@ -260,11 +273,18 @@ def _norm(p: dict, stats: dict | None, h: jax.Array, mode: _Mode):
     return (h - mean) * jax.lax.rsqrt(var + cfg.bn_eps) * p["scale"] + p["bias"], new
 
 
+# Eval-mode BatchNorm folded into the convolutions (see _conv_norm). Read when a function is traced;
+# ``benchmarks.bn_fold`` sets it to False to time the unfolded program. Leave it True.
+FOLD_BATCHNORM = True
+
+
 def _conv_norm(w: jax.Array, p: dict, stats: dict | None, x: jax.Array, mode: _Mode, stride: int = 1):
     """BN(conv(x, w)) (or conv + bias). In eval mode the BN is an affine map per output channel and
-    is folded into the convolution: conv(x, w k) + (bias - mean k), k = scale / sqrt(var + eps),
-    which saves a pass over the activations (the same function up to float32 rounding)."""
-    if mode.train or "scale" not in p:
+    is folded into the convolution: conv(x, w k) + (bias - mean k), k = scale / sqrt(var + eps).
+    With XLA:CPU's YNNPACK eltwise fusion (cfjax.xla_cpu) a subnet is then conv + bias + ReLU, which
+    the fusion absorbs; ECINN runs 1.1-1.3x faster (``python -m benchmarks.bn_fold``). The same
+    function up to float32 rounding."""
+    if mode.train or "scale" not in p or not FOLD_BATCHNORM:
         return _norm(p, stats, _conv(x, w, stride), mode)
     k = p["scale"] * jax.lax.rsqrt(stats["var"] + mode.config.bn_eps)
     return _conv(x, w * k, stride) + (p["bias"] - stats["mean"] * k), None
@@ -447,13 +467,13 @@ def ibinn_forward(params: dict, config: IBINNConfig, x: jax.Array, *, train: boo
         if name == "low":
             x, ld, new_bn["down"] = _down_forward(net["down"], bn["down"], x, mode)
             logdet = logdet + ld
-        qs = _mixings(config.mixing, config.mixing_seed, 0 if name == "high" else 1, n, x.shape[-1])
+        qs = mixings(config, name)
         for i in range(n):
             x, ld, st = _aio_forward(_index(net[name], i), _index(bn[name], i), jnp.asarray(qs[i]), x, mode, dropout_rate)
             logdet = logdet + ld
             new_bn[name].append(st)
     if config.dense:
-        v = dct_forward(x)[:, _dense_permutation(config.mixing_seed, config.latent_dim)]
+        v = dct_forward(x)[:, dense_permutation(config)]
         z, ld = _dense_forward(net["dense"], v, mode)
         logdet = logdet + ld
     else:
@@ -474,12 +494,12 @@ def ibinn_inverse(params: dict, config: IBINNConfig, z: jax.Array) -> jax.Array:
     z = z.astype(jnp.float32)
     if config.dense:
         v = _dense_inverse(net["dense"], z, mode)
-        perm = _dense_permutation(config.mixing_seed, config.latent_dim)
+        perm = dense_permutation(config)
         x = dct_inverse(v[:, np.argsort(perm)], low)
     else:
         x = z.reshape(z.shape[0], *low)
-    for name, n, stage in (("low", config.blocks_low, 1), ("high", config.blocks_high, 0)):
-        qs = _mixings(config.mixing, config.mixing_seed, stage, n, x.shape[-1])
+    for name, n in (("low", config.blocks_low), ("high", config.blocks_high)):
+        qs = mixings(config, name)
         for i in reversed(range(n)):
             x = _aio_inverse(_index(net[name], i), _index(bn[name], i), jnp.asarray(qs[i]), x, mode)
         if name == "low":
