@@ -191,8 +191,9 @@ def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: st
     axes = list(axes) if roof else [axes]
     xs = [r[x_key] for r in rows]
     ax = axes[0]
-    ax.plot(xs, [r[f"cfjax_{y_key}"] for r in rows], "o-", label="cfjax (JAX, jit)")
-    ax.plot(xs, [r[f"twin_{y_key}"] for r in rows], "s--", label="PyTorch twin (eager)")
+    which = ", Glow flow" if extra else ""
+    ax.plot(xs, [r[f"cfjax_{y_key}"] for r in rows], "o-", label=f"cfjax (JAX, jit){which}")
+    ax.plot(xs, [r[f"twin_{y_key}"] for r in rows], "s--", label=f"PyTorch twin (eager){which}")
     if extra:
         ax.plot([r[x_key] for r in extra], [r[f"cfjax_{y_key}"] for r in extra], "^-", label="cfjax, IB-INN flow")
         if all(f"twin_{y_key}" in r for r in extra):
@@ -200,8 +201,8 @@ def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: st
     ax.set_ylabel(ylabel)
     if roof:
         ax2 = axes[1]
-        ax2.plot(xs, [r["cfjax_gflop_s"] for r in rows], "o-", color="C0", label="cfjax")
-        ax2.plot(xs, [r["twin_gflop_s"] for r in rows], "s--", color="C1", label="twin")
+        ax2.plot(xs, [r["cfjax_gflop_s"] for r in rows], "o-", color="C0", label=f"cfjax{which}")
+        ax2.plot(xs, [r["twin_gflop_s"] for r in rows], "s--", color="C1", label=f"twin{which}")
         if extra and any("cfjax_gflop_s" in r for r in extra):
             ax2.plot([r[x_key] for r in extra], [r.get("cfjax_gflop_s") for r in extra], "^-", color="C2", label="cfjax, IB-INN flow")
             if all("twin_gflop_s" in r for r in extra):
@@ -213,7 +214,7 @@ def plot_throughput(result: dict, path: Path, x_key: str, y_key: str, xlabel: st
                 ax2.axhline(m["gflop_s"], color=color, ls="--", lw=0.8, label=f"{side} matmul ceiling")
             c = (ceil.get("dominant_conv") or {}).get(side)
             if isinstance(c, dict):
-                ax2.axhline(c["gflop_s"], color=color, ls=":", lw=1.2, label=f"{side} dominant-conv ceiling")
+                ax2.axhline(c["gflop_s"], color=color, ls=":", lw=1.2, label=f"{side} dominant-conv ceiling{which}")
         ax2.set_ylabel("achieved GFLOP/s (matmul + conv FLOPs)")
         ax2.legend(fontsize=7)
     for a in axes:
