@@ -52,7 +52,7 @@ class TwinCNN(nn.Module):
         self.bn = []
         for i in range(1, 6):
             name = f"bn{i}"
-            self.bn.append(tuple(torch.as_tensor(np.asarray(a, np.float32)) for a in (s[name]["mean"], s[name]["var"], p[name]["scale"], p[name]["bias"])))
+            self.bn.append(tuple(torch.from_numpy(np.array(a, np.float32, copy=True)) for a in (s[name]["mean"], s[name]["var"], p[name]["scale"], p[name]["bias"])))
         h, w, _ = config.image_shape
         hh, ww, cc = h // 4, w // 4, 2 * config.width
         k = p["fc1"]["kernel"]  # (hh*ww*cc in NHWC order, hidden)

@@ -146,8 +146,8 @@ class TwinIBINN(nn.Module):
             n = cfg.low_shape[0]
             self.register_buffer("dct", _T(ibinn.dct_matrix(n)))
             perm = np.asarray(ibinn.dense_permutation(cfg))
-            self.register_buffer("perm", torch.as_tensor(perm, dtype=torch.long))
-            self.register_buffer("perm_inv", torch.as_tensor(np.argsort(perm), dtype=torch.long))
+            self.register_buffer("perm", torch.tensor(perm, dtype=torch.long))
+            self.register_buffer("perm_inv", torch.tensor(np.argsort(perm), dtype=torch.long))
             for k in ("fc1", "fc2"):
                 for n_, v in net["dense"][k].items():
                     self.register_buffer(f"{k}_{n_}", _T(v))
