@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 WORKLOADS = ("ecinn", "ecinn_ibinn", "train_flow", "disc")
+# the cfjax.xla_cpu workload whose flags each benchmark workload gets (ECINN's, whatever the flow)
+CFJAX_WORKLOAD = {"ecinn_ibinn": "ecinn"}
 CANDIDATE = "--xla_cpu_experimental_ynn_fusion_type=eltwise"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +54,8 @@ def worker(workload: str, out: str, repeats: int) -> None:
 
         ibinn = workload == "ecinn_ibinn"
         params, config, _, images, _ = b.load(b.IBINN_MODEL if ibinn else b.GLOW_MODEL)
-        cf = b.cfjax_fn(config, *((b.cli_settings()[0], b.DIRECTION, b.cli_settings()[1]) if ibinn else ()))
+        step, refine = b.cli_settings() if ibinn else (b.STEP, b.REFINE)
+        cf = b.cfjax_fn(config, step, b.DIRECTION, refine)
         x = jnp.asarray(np.resize(images, (256, *images.shape[1:])).astype(np.float32))
         holder = {}
 
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
             diff, p999 = float(d.max()), float(np.percentile(d, 99.9))
             row = {"workload": w, "plain_s": off, "flags_s": on, "plain_median_s": float(np.median(off)), "flags_median_s": float(np.median(on)),
                    "speedup": float(np.median(off) / np.median(on)), "max_abs_output_difference": diff, "p99_9_abs_output_difference": p999,
-                   "cfjax_applies": list(xla_cpu.flags_for(w.split("_ibinn")[0]))}
+                   "cfjax_applies": list(xla_cpu.flags_for(CFJAX_WORKLOAD.get(w, w)))}
             res["rows"].append(row)
             print(f"{w}: plain {row['plain_median_s']:.3f} s, with {CANDIDATE} {row['flags_median_s']:.3f} s -> {row['speedup']:.2f}x; max |difference| {diff:.2e}; cfjax applies: {row['cfjax_applies'] or 'none'}")
     res["load_average_end"] = common.load_average()
