@@ -48,6 +48,7 @@ from cfjax.errors import CfjaxError
 from cfjax.methods.bn_capture import BN_CONVENTIONS, Capture, bn_statistics_loss, capture  # noqa: F401 - part of this module's API
 from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, random_shift, total_variation  # noqa: F401 - part of this module's API
 from cfjax.models import priors as priors_lib
+from cfjax.parallel import batch_mesh_of, per_example
 from cfjax.validation import non_negative_int, positive_float, validate_images, validate_targets
 
 TARGET_MODES = ("ce", "prob")
@@ -274,22 +275,26 @@ class Stage:
     lr: float
     use_bn: bool
     use_feat: bool
+    mesh: Any = None
 
 
 def make_stage(apply_fn: Callable, config: DISCConfig, prior: Any, *, mode: str = "ce", steps: int | None = None,
-               lr: float | None = None, apply_kwargs: dict | None = None, log_kernel_fn: Callable | None = None) -> Stage:
+               lr: float | None = None, apply_kwargs: dict | None = None, log_kernel_fn: Callable | None = None,
+               mesh: Any = None) -> Stage:
     """The static part of one stage: ``steps`` Adam steps (default ``config.steps``) at learning
     rate ``lr`` (default ``config.lr``, else the prior's) on the target loss ``mode`` ("ce", or
     "prob" with the stage's target probability from :class:`StageData`), for classifier
     ``apply_fn(variables, x, **apply_kwargs)`` and, with ``log_kernel_fn``, DUQ manifold
     consistency. The config's seed and generator-fit settings act before the stages, so they are
-    dropped here: runs that differ only there share the stage's compilation."""
+    dropped here: runs that differ only there share the stage's compilation. ``mesh``: the
+    one-axis mesh the queries are sharded over (see :mod:`cfjax.parallel`; None: one device);
+    under the "image" BatchNorm convention each device then optimises its own slice."""
     _check_target_mode(mode)
     steps = config.steps if steps is None else steps
     lr = float(lr or config.lr or prior.default_lr)
     stage_cfg = dataclasses.replace(config, seed=0, fit_steps=0, fit_lr=None)
     return Stage(apply_fn, _freeze_kwargs(apply_kwargs), log_kernel_fn, prior, stage_cfg, mode, int(steps), lr,
-                 config.lambda_bn > 0, config.lambda_feat > 0)
+                 config.lambda_bn > 0, config.lambda_feat > 0, mesh)
 
 
 class StageData(NamedTuple):
@@ -361,8 +366,9 @@ def _loss_one(params, d: StageData, spec, shift_key=None):
 
 
 def _loss_batch(params, d: StageData, spec, shift_key=None):
-    """All examples jointly (BatchNorm statistics over the batch)."""
-    x = jax.vmap(spec.prior.render)(params, d.aux)
+    """All examples jointly (BatchNorm statistics over the batch). The per-query generators
+    render on each device's own slice; the rest is partitioned by ``jit``."""
+    x = per_example(spec.prior.render, 0, spec.mesh)(params, d.aux)
     total, per_ex, probs = image_objective(x, d, spec, shift_key)
     return total, (per_ex, probs, x)
 
@@ -430,12 +436,13 @@ def _stage_end(carry, d: StageData, spec: Stage):
 
 def _batched(fn, spec: Stage, d: StageData):
     """vmap over examples (params or carry, and the per-query fields of ``d``) for the per-image
-    BatchNorm convention; the batch as is for the batch convention."""
+    BatchNorm convention, each device of ``spec.mesh`` mapping its own slice; the batch as is
+    for the batch convention (partitioned by ``jit``)."""
     if spec.config.bn_convention != "image":
         return fn
     # vmap axes per field, in field order: aux, xq, fq, t over queries; the rest shared
     axes = StageData._make((0, 0, None if d.fq is None else 0, 0, None, None, None))
-    return jax.vmap(fn, in_axes=(0, axes))
+    return per_example(fn, (0, axes), spec.mesh)
 
 
 @partial(jax.jit, static_argnames=("spec",))
@@ -465,14 +472,14 @@ def run_stage(params, d: StageData, spec: Stage):
     return _end_jit(carry, d, spec=spec)
 
 
-@partial(jax.jit, static_argnames=("prior", "steps", "lr"))
-def _fit_jit(params, aux, xq, prior, steps: int, lr: float):
-    return jax.vmap(lambda p, a, q: priors_lib.fit_to_query(prior, p, a, q, steps, lr))(params, aux, xq)
+@partial(jax.jit, static_argnames=("prior", "steps", "lr", "mesh"))
+def _fit_jit(params, aux, xq, prior, steps: int, lr: float, mesh=None):
+    return per_example(lambda p, a, q: priors_lib.fit_to_query(prior, p, a, q, steps, lr), 0, mesh)(params, aux, xq)
 
 
-@partial(jax.jit, static_argnames=("prior",))
-def _init_jit(keys, xq, prior):
-    return jax.vmap(prior.init)(keys, xq)
+@partial(jax.jit, static_argnames=("prior", "mesh"))
+def _init_jit(keys, xq, prior, mesh=None):
+    return per_example(prior.init, 0, mesh)(keys, xq)
 
 
 @partial(jax.jit, static_argnames=("apply_fn", "apply_kwargs", "feature_layer"))
@@ -539,15 +546,18 @@ def initialize(cfg: DISCConfig, xq: jax.Array, key: jax.Array | None = None) -> 
     """(prior, params, aux, fit_mse) to start the stages from, for queries xq (N, H, W, C): the
     prior initialised per query (``key``: one PRNG key, split per query, default
     ``jax.random.key(cfg.seed)``; or one key per query) and, for a generator prior, fitted to the
-    query first (fit_mse (N,); zeros otherwise). Coarse-to-fine starts on a half-resolution grid."""
+    query first (fit_mse (N,); zeros otherwise). Coarse-to-fine starts on a half-resolution grid.
+    Queries sharded along their batch axis over a mesh (:func:`cfjax.parallel.batch_mesh_of`)
+    are initialised and fitted per device."""
     keys = _example_keys(jax.random.key(cfg.seed) if key is None else key, xq.shape[0])
+    mesh = batch_mesh_of(xq)
     prior = cfg.make_prior()
     if cfg.coarse_to_fine:
         prior = dataclasses.replace(cast(priors_lib.Pixels, prior), factor=2)  # coarse_to_fine: pixels only
-    params, aux = _init_jit(keys, xq, prior)
+    params, aux = _init_jit(keys, xq, prior, mesh=mesh)
     fit_mse = jnp.zeros((xq.shape[0],), xq.dtype)
     if prior.needs_fit and cfg.fit_steps > 0:
-        params, fit_mse = _fit_jit(params, aux, xq, prior, cfg.fit_steps, float(cfg.fit_lr or prior.default_lr))
+        params, fit_mse = _fit_jit(params, aux, xq, prior, cfg.fit_steps, float(cfg.fit_lr or prior.default_lr), mesh=mesh)
     return prior, params, aux, fit_mse
 
 
@@ -612,6 +622,7 @@ def generate(
     kernel_fn, duq_vars = _duq_pair(duq)
     probs_q = jax.nn.softmax(logits_q, -1)
     prior, params, aux, fit_mse = initialize(cfg, xq, key)
+    mesh = batch_mesh_of(xq)
     lr = float(cfg.lr or prior.default_lr)
 
     traj, found_all = [], []
@@ -619,8 +630,9 @@ def generate(
     for i, (mode, tp, st) in enumerate(_stage_plan(cfg)):
         if cfg.coarse_to_fine and i == 1:
             prior = dataclasses.replace(prior, factor=1)
-            params, aux = _refine_jit(params, aux, prior)
-        spec = make_stage(apply_fn, cfg, prior, mode=mode, steps=st, lr=lr, apply_kwargs=apply_kwargs, log_kernel_fn=kernel_fn)
+            params, aux = _refine_jit(params, aux, prior, mesh=mesh)
+        spec = make_stage(apply_fn, cfg, prior, mode=mode, steps=st, lr=lr, apply_kwargs=apply_kwargs, log_kernel_fn=kernel_fn,
+                          mesh=mesh)
         data = StageData(aux, xq, feats_q, t, jnp.float32(tp), variables, duq_vars)
         params, best_x, found, last_x, _ = run_stage(params, data, spec)
         stage_x = jnp.where(_expand(found, best_x), best_x, last_x)
@@ -654,6 +666,6 @@ def _with_predictions(out: dict, probs_cf: jax.Array, probs_q: jax.Array, t: jax
     }
 
 
-@partial(jax.jit, static_argnames=("fine",))
-def _refine_jit(params, aux, fine):
-    return jax.vmap(lambda p, a: fine.refine(p, a)[1:])(params, aux)
+@partial(jax.jit, static_argnames=("fine", "mesh"))
+def _refine_jit(params, aux, fine, mesh=None):
+    return per_example(lambda p, a: fine.refine(p, a)[1:], 0, mesh)(params, aux)

@@ -20,10 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cfjax.errors import CfjaxError
+from cfjax.parallel import BATCH_AXIS
 from cfjax.validation import non_negative_int
-
-BATCH_AXIS = "batch"
-
 
 def batch_mesh(devices: int | None = None) -> Mesh | None:
     """A 1-D mesh over ``devices`` local devices (None or 0: all of them); None for one device."""
