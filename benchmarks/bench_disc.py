@@ -3,7 +3,10 @@
 Configuration on both sides: :func:`benchmarks.twins.disc.bench_config` (pixels prior, one
 cross-entropy stage of ``steps`` Adam steps, BN statistics + TV + l2 + l1, no DUQ), the shipped
 mnist5k CNN classifier, target = next class. One timed call = a whole ``generate`` (init, the
-optimisation, final prediction); throughput = steps x batch / time.
+optimisation, final prediction); throughput = steps x batch / time. cfjax's batch is split over
+all local devices when it divides evenly, as ``cfjax explain disc`` does (on a CPU,
+``cfjax.xla_cpu`` makes one host device per core for DISC; ``benchmarks.run`` applies it); the
+twin is plain torch with its own threads.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     from benchmarks import roofline
     from benchmarks.twins import disc as tdisc
     from cfjax.methods import disc
+    from cfjax.pipelines.sharding import batch_mesh, mesh_size, replicate, shard_batch
 
     res = common.base_result("disc", quick)
     loaded = load()
@@ -131,6 +135,11 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     if dev != "cpu":  # parity was checked on the CPU twin; time a copy on the device
         with common.twin_context(dev):
             twin = tdisc.TwinCNN(variables, config)
+    # cfjax.xla_cpu gives DISC one host device per core; the CLI splits the batch over all of them
+    mesh = batch_mesh(0)
+    variables_r = replicate(variables, mesh)
+    res["cfjax_devices"] = mesh_size(mesh)
+    log(f"disc: cfjax over {mesh_size(mesh)} local device(s)")
     rows, prev = [], None
     for b in sizes:
         skip = common.budget_skip(prev, b, reps, budget_s, 5)
@@ -143,8 +152,13 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
         xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
         tt = torch.as_tensor(t).to(dev)
 
-        def f_jax(x=x, t=t):  # bound: kept for the roofline
-            return jax.block_until_ready(disc.generate(apply_fn, variables, x, t, cfg, apply_kwargs={"train": False}))
+        if mesh is not None and b % mesh_size(mesh) == 0:  # as `cfjax explain disc` runs it: a slice per device
+            xj, tj_, vj = shard_batch(x, mesh), shard_batch(jnp.asarray(t, jnp.int32), mesh), variables_r
+        else:
+            xj, tj_, vj = x, t, variables
+
+        def f_jax(x=xj, t=tj_, v=vj):  # bound: kept for the roofline
+            return jax.block_until_ready(disc.generate(apply_fn, v, x, t, cfg, apply_kwargs={"train": False}))
 
         f_torch = common.on_twin_device(lambda xt=xt, tt=tt: tdisc.generate(twin, cfg, xt, tt), dev)  # noqa: E731
         row = common.time_pair(b, f_jax, f_torch, reps, steps * b, "step_images_per_s", b == (HEADLINE if HEADLINE in sizes else sizes[-1]), False)
@@ -159,6 +173,8 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
     res["settings"] = {"model": "cfjax/pretrained/mnist5k_classifier", "config": {k: v for k, v in vars(cfg).items()},
                        "target": "next", "steps_per_call": steps, "repeats": reps,
                        "timing": "median of interleaved repeats after one warm-up call; one call = a whole generate()",
+                       "cfjax_devices": "cfjax's batch split over this many local devices (XLA:CPU host devices, one per core, "
+                                        "set by cfjax.xla_cpu for DISC), one slice per device, as `cfjax explain disc` runs it",
                        "twin": "plain torch eager, Adam, per-example losses summed",
                        "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one call at the headline batch"}
     res["load_average_end"] = common.load_average()

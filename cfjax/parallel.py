@@ -34,7 +34,7 @@ def batch_mesh_of(x) -> Mesh | None:
     mesh, spec = sharding.mesh, tuple(sharding.spec)
     if mesh.size < 2 or len(mesh.axis_names) != 1 or not spec or spec[0] != mesh.axis_names[0]:
         return None
-    if any(s is not None for s in spec[1:]):
+    if any(s is not None for s in spec[1:]) or not isinstance(mesh, Mesh):
         return None
     return mesh
 
@@ -48,6 +48,7 @@ def per_example(fn: Callable, in_axes: Any, mesh: Mesh | None) -> Callable:
     if mesh is None:
         return mapped
     (axis,) = mesh.axis_names
+    in_specs: Any
     if in_axes == 0 or in_axes is None:
         in_specs = PartitionSpec(axis) if in_axes == 0 else PartitionSpec()
     else:

@@ -27,9 +27,21 @@ def test_apply_leaves_user_choices_alone():
     assert xla_cpu.apply("ecinn", mine) == [] and mine["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
     off = {xla_cpu.OPT_OUT_ENV: "0"}
     assert xla_cpu.apply("ecinn", off) == [] and "XLA_FLAGS" not in off
-    for w in ("disc", None, "no-such-workload"):
+    for w in (None, "no-such-workload"):
         env = {}
         assert xla_cpu.apply(w, env) == [] and env == {}
+    forced = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    assert xla_cpu.apply("disc", forced) == [] and forced["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+
+
+def test_disc_gets_one_host_device_per_usable_core(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "usable_cores", lambda: 6)
+    env = {}
+    assert xla_cpu.apply("disc", env) == ["--xla_force_host_platform_device_count=6"]
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=6"
+    assert xla_cpu.apply("ecinn", {}) == [xla_cpu.YNN_ELTWISE]  # ECINN stays on one device
+    monkeypatch.setattr(xla_cpu, "usable_cores", lambda: 1)
+    assert xla_cpu.apply("disc", {}) == []  # nothing to split on one core
 
 
 def test_apply_does_nothing_once_the_backend_exists(monkeypatch):

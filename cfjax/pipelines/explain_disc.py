@@ -175,7 +175,8 @@ def explain(queries: Queries, output: Output, config: disc.DISCConfig = disc.DIS
     )
     flip = float(np.mean(res["y_cf_pred"] == res["y_target"]))
     print(f"DISC ({config.prior}, manifold {manifold}, {'progressive' if config.progressive else 'one stage'}, {config.steps} steps): "
-          f"{len(x)} counterfactuals in {seconds:.1f}s ({seconds / len(x):.2f} s each, compile included); "
+          f"{len(x)} counterfactuals in {seconds:.1f}s ({seconds / len(x):.2f} s each, compile included, "
+          f"{mesh_size(batch_mesh(devices))} device(s)); "
           f"flip rate {flip:.4f} -> {output.out}")
     if output.png:
         from cfjax.plotting import save_counterfactual_grid
