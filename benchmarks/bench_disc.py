@@ -11,7 +11,6 @@ twin is plain torch with its own threads.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import numpy as np
@@ -177,8 +176,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
                                         "set by cfjax.xla_cpu for DISC), one slice per device, as `cfjax explain disc` runs it",
                        "twin": "plain torch eager, Adam, per-example losses summed",
                        "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one call at the headline batch"}
-    res["load_average_end"] = common.load_average()
-    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    common.stamp_end(res)
     return res
 
 

@@ -11,7 +11,6 @@ flow (``mnist5k_flow``, the CLI's default model) is timed the same way against i
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import numpy as np
@@ -180,8 +179,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
                        "target": "next", "repeats": reps, "timing": "median of interleaved repeats after one warm-up call",
                        "twin": "FrEIA SequenceINN, torch eager, inference_mode", "cfjax": "jax.jit of encode + counterfactual_from_latent",
                        "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one call at the headline batch"}
-    res["load_average_end"] = common.load_average()
-    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    common.stamp_end(res)
     return res
 
 

@@ -7,7 +7,6 @@ both dequantise the batch inside the step (U(0, 1/256) + N(0, 0.01^2), reflected
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import numpy as np
@@ -202,8 +201,7 @@ def run(quick: bool = False, budget_s: float = 150.0, repeats: int | None = None
                        "cfjax": "cfjax.pipelines.train_flow.build_spec(...).train_step (jit; no buffer donation)",
                        "twin": "FrEIA SequenceINN with a plain-torch LU 1x1 conv, torch eager, AdamW + Adam, clip_grad_norm_",
                        "memory": "peak_rss_mb: extra host RSS high-water (VmHWM after resetting it) during one step at the headline batch"}
-    res["load_average_end"] = common.load_average()
-    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    common.stamp_end(res)
     return res
 
 

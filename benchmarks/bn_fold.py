@@ -12,7 +12,6 @@ programs are compared (largest |x_cf difference|, same refinement rounds).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +47,8 @@ def main(argv=None) -> int:
 
     sizes = [int(s) for s in a.sizes.split(",")]
     xs = {b: jnp.asarray(np.resize(images, (b, *images.shape[1:])).astype(np.float32)) for b in sizes}
-    res = {"benchmark": "bn_fold", "device": common.device_info(), "versions": common.versions(), "xla_flags_added": flags,
-           "command": "python -m benchmarks.bn_fold " + " ".join(argv or []), "load_average_start": common.load_average(),
-           "settings": {"model": "cfjax/pretrained/mnist5k_flow", "step": step, "refine": refine, "target": "next", "repeats": a.repeats},
-           "rows": []}
+    res = common.ab_result("bn_fold", argv, flags, {"model": "cfjax/pretrained/mnist5k_flow", "step": step, "refine": refine,
+                                                     "target": "next", "repeats": a.repeats})
     f_on, out_on = build(True)
     f_off, out_off = build(False)
     for b in sizes:
@@ -63,10 +60,7 @@ def main(argv=None) -> int:
                "same_refine_rounds": bool((out_on[b]["refine_rounds"] == out_off[b]["refine_rounds"]).all()), "times": t}
         res["rows"].append(row)
         print(f"batch {b}: unfolded {b / off:.1f} cf/s, folded {b / on:.1f} cf/s -> {off / on:.2f}x; max |x_cf difference| {row['max_abs_x_cf_difference']:.1e}", flush=True)
-    res["load_average_end"] = common.load_average()
-    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path = common.save_json(res, a.out)
-    print(f"-> {path}")
+    common.save_ab(res, a.out)
     return 0
 
 

@@ -76,6 +76,27 @@ def load_average() -> list[float]:
         return []
 
 
+def stamp_end(result: dict) -> dict:
+    """Record the load average and UTC time at the end of a run in ``result`` (returned)."""
+    result["load_average_end"] = load_average()
+    result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return result
+
+
+def ab_result(name: str, argv, flags_added: list[str], settings: dict) -> dict:
+    """The header of a one-process A/B benchmark's results (``python -m benchmarks.<name>``)."""
+    return {"benchmark": name, "device": device_info(), "versions": versions(), "xla_flags_added": flags_added,
+            "command": f"python -m benchmarks.{name} " + " ".join(argv or []), "load_average_start": load_average(),
+            "settings": settings, "rows": []}
+
+
+def save_ab(result: dict, path: str | Path) -> Path | None:
+    """Stamp the end of an A/B run, write its JSON and print where."""
+    out = save_json(stamp_end(result), path)
+    print(f"-> {out}")
+    return out
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds for one call of ``fn`` (which must block until its result is ready)."""
     t0 = time.perf_counter()

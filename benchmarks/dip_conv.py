@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +72,8 @@ def main(argv=None) -> int:
         calls = {f"fit_{side}": lambda: jax.block_until_ready(fit(params, aux, x)), f"generate_{side}": lambda: jax.block_until_ready(gen())}
         return calls, img, float(jnp.mean(fitted[1])), (params, aux)
 
-    res = {"benchmark": "dip_conv", "device": common.device_info(), "versions": common.versions(), "xla_flags_added": flags,
-           "command": "python -m benchmarks.dip_conv " + " ".join(argv or []), "load_average_start": common.load_average(),
-           "settings": {"fit_steps": a.fit_steps, "steps": a.steps, "repeats": a.repeats, "config": "DISCConfig() defaults otherwise"},
-           "rows": []}
+    res = common.ab_result("dip_conv", argv, flags, {"fit_steps": a.fit_steps, "steps": a.steps, "repeats": a.repeats,
+                                                     "config": "DISCConfig() defaults otherwise"})
     for b in [int(s) for s in a.sizes.split(",")]:
         calls_p, img_p, mse_p, (params, aux) = build("patch", b)
         calls_l, img_l, mse_l, _ = build("lax", b)
@@ -93,10 +90,7 @@ def main(argv=None) -> int:
         print(f"batch {b}: fit {m['fit_lax']:.2f} s -> {m['fit_patch']:.2f} s ({row['fit_speedup']:.1f}x); "
               f"generate {m['generate_lax']:.2f} s -> {m['generate_patch']:.2f} s ({row['generate_speedup']:.1f}x); "
               f"render difference {row['max_abs_render_difference_same_params']:.1e}", flush=True)
-    res["load_average_end"] = common.load_average()
-    res["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path = common.save_json(res, a.out)
-    print(f"-> {path}")
+    common.save_ab(res, a.out)
     return 0
 
 
