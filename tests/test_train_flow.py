@@ -133,3 +133,67 @@ def test_init_from_starts_at_the_trained_weights_and_refuses_another_network(sma
         train_flow.warm_start_params(tmp_path / "a", wider)
     assert main(["train", "flow", "--out", str(tmp_path / "d"), "--init-from", str(tmp_path / "missing"), "--quiet"]) == 2
     assert not (tmp_path / "d").exists()
+
+
+def test_ema_ships_the_weight_average_and_survives_resume(small, tmp_path, monkeypatch):
+    """--ema: the shipped weights are the exponential moving average of the per-step weights,
+    recomputed here in NumPy from weights recorded at every step (the decay warms up as
+    min(d, (1 + k) / (10 + k))); class means are those of the average; the last step's weights
+    are kept as ``online_params``; a killed and resumed run ships the same average; --resume
+    refuses another decay; a decay outside (0, 1) is refused."""
+    train, test = small
+    decay = 0.8
+    seen = []
+    real_update = train_flow.ema_update
+
+    def recording(average, params, count, d):
+        jax.debug.callback(lambda *g: seen.append([np.asarray(a, np.float64) for a in g]), *jax.tree_util.tree_leaves(params["glow"]))
+        return real_update(average, params, count, d)
+
+    monkeypatch.setattr(train_flow, "ema_update", recording)
+
+    def run(out, **kw):
+        spec = train_flow.build_spec(CFG, train, 1e-3, 6, seed=0, ema=decay)
+        return fit(spec, train, test, out, epochs=2, batch_size=32, seed=0, checkpoint_every=2, quiet=True, **kw)
+
+    init = fc.init_flow_classifier(jax.random.PRNGKey(0), CFG, train_flow._init_batch(train.images, seed=0))
+    state, _ = run(tmp_path / "ema")
+    assert len(seen) == 6
+    expect = [np.asarray(a, np.float64) for a in jax.tree_util.tree_leaves(init["glow"])]
+    for k, step_params in enumerate(seen):
+        d = min(decay, (1 + k) / (10 + k))
+        expect = [d * a + (1 - d) * p for a, p in zip(expect, step_params)]
+    params, _, info = train_flow.load_flow(tmp_path / "ema")
+    assert info["ema"] == decay
+    got = _leaves(params["glow"])
+    for a, b in zip(got, expect):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    last = [np.asarray(a) for a in jax.tree_util.tree_leaves(state["online_params"]["glow"])]
+    for a, b in zip(last, seen[-1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, last)) > 1e-4  # the average is not the last step
+    z, _ = fc.encode(params, CFG, train.images)
+    pred = np.asarray(np.argmax(fc.class_logits(params, CFG, train.images), -1))
+    for c in np.unique(pred):
+        np.testing.assert_allclose(np.asarray(params["class_means"][c]), np.asarray(z)[pred == c].mean(0), atol=2e-4)
+
+    _, stopped = run(tmp_path / "killed", max_steps=3)
+    assert stopped == {"stopped_at_step": 3}
+    run(tmp_path / "killed", resume=True)
+    resumed, _, _ = train_flow.load_flow(tmp_path / "killed")
+    for a, b in zip(_leaves(resumed["glow"]), got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CfjaxError, match="ema=0.8"):
+        fit(train_flow.build_spec(CFG, train, 1e-3, 6, seed=0, ema=0.9), train, test, tmp_path / "killed",
+            epochs=2, batch_size=32, seed=0, resume=True, quiet=True)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(CfjaxError, match="ema must be"):
+            train_flow.build_spec(CFG, train, 1e-3, 6, seed=0, ema=bad)
+
+
+def test_cli_refuses_an_ema_decay_of_one_before_any_work(tmp_path, capsys):
+    from cfjax.cli import main
+
+    assert main(["train", "flow", "--out", str(tmp_path / "m"), "--ema", "1", "--quiet"]) == 2
+    assert "ema must be" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

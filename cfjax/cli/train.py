@@ -79,6 +79,9 @@ def add_flow(p: argparse.ArgumentParser) -> None:
                     help=f"fixed channel mixing after each block (default {a.mixing})")
     p.add_argument("--augment-shift", type=NON_NEGATIVE_INT, default=t.augment_shift,
                    help=f"random shifts of up to this many pixels, zero fill (default {t.augment_shift}: none)")
+    p.add_argument("--ema", type=NON_NEGATIVE_FLOAT, default=t.ema, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+                        f"ship the average instead of the last step's weights (default {t.ema:g}: off)")
 
 
 def run_flow(args) -> int:
@@ -92,7 +95,7 @@ def run_flow(args) -> int:
     training = tf.FlowTraining(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         beta=args.beta, label_smoothing=args.label_smoothing, train_prior=args.train_prior,
-        augment_shift=args.augment_shift, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        augment_shift=args.augment_shift, ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )
     tf.train(arch, training, out=args.out, data=args.data, data_dir=args.data_dir, extra_train=args.extra_train,
              resume=args.resume, export=args.export, quiet=args.quiet, init_from=args.init_from)

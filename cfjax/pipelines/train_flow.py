@@ -148,6 +148,7 @@ class FlowTraining:
     mean_lr_factor: float | None = None
     clip: float | None = None
     augment_shift: int = 0
+    ema: float = 0.0
     seed: int = 0
     checkpoint_every: int = CHECKPOINT_EVERY
 
@@ -161,6 +162,7 @@ class FlowTraining:
         positive_float(filled.beta, "beta")
         non_negative_float(filled.label_smoothing, "label_smoothing")
         non_negative_int(filled.augment_shift, "augment_shift")
+        check_ema(filled.ema)
         return filled
 
 
@@ -224,15 +226,36 @@ def evaluate_flow(params: dict, config: fc.FlowClassifierConfig, data: Dataset, 
     return {"test_accuracy": correct / len(data), "test_bits_per_dim": float(np.mean(np.concatenate(bpd)))}
 
 
+def check_ema(decay: float) -> float:
+    """``decay`` of the weight average: 0 (off) or in (0, 1); CfjaxError otherwise."""
+    if not (decay == 0.0 or 0.0 < decay < 1.0):
+        raise CfjaxError(f"ema must be 0 (off) or a decay in (0, 1), got {decay!r}")
+    return float(decay)
+
+
+def ema_update(average, params, count, decay: float):
+    """One step of the exponential moving average of the weights (Polyak averaging, as Glow's
+    own training code evaluates with): ``average <- d * average + (1 - d) * params`` with
+    ``d = min(decay, (1 + count) / (10 + count))``, so the first steps, whose weights are far
+    from the final ones, are forgotten quickly instead of lingering with weight decay**count.
+    ``count``: steps averaged before this one. Returns the new average (same tree as params)."""
+    d = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+    return jax.tree_util.tree_map(lambda a, p: d * a + (1.0 - d) * p, average, params)
+
+
 def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total_steps: int, seed: int, augment_shift: int = 0,
                optimizer: str = "adam", mean_lr_factor: float = 10.0, clip: float = 10.0, init_params: dict | None = None,
-               info: dict | None = None) -> TrainSpec:
+               info: dict | None = None, ema: float = 0.0) -> TrainSpec:
     """The TrainSpec for :func:`cfjax.pipelines.training.fit`: IB-INN loss, the chosen optimizer
     (see :func:`make_optimizer`), optional random shifts of up to ``augment_shift`` pixels (zero
     fill) before dequantisation. ``init_params`` (a trained flow's params, see
     :func:`warm_start_params`) replaces the random initialisation; the optimizer starts fresh.
-    ``info``: extra fields for the model directory's record."""
+    ``info``: extra fields for the model directory's record. ``ema`` > 0 keeps an exponential
+    moving average of the weights (:func:`ema_update`) in the state, and the trained model is
+    that average (its BatchNorm statistics and class means computed for it); the last step's
+    weights stay in the final checkpoint as ``online_params``."""
     non_negative_int(augment_shift, "augment_shift")
+    ema = check_ema(ema)
     opt = make_optimizer(lr, total_steps, mean_lr_factor=mean_lr_factor, clip=clip, optimizer=optimizer)
 
     def init_state():
@@ -240,7 +263,10 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
             params = jax.tree_util.tree_map(jnp.asarray, init_params)
         else:
             params = fc.init_flow_classifier(jax.random.PRNGKey(seed), config, jnp.asarray(_init_batch(train.images, seed=seed)))
-        return {"params": params, "opt_state": opt.init(params)}
+        state = {"params": params, "opt_state": opt.init(params)}
+        if ema:
+            state["ema"] = {"params": params, "count": jnp.zeros((), jnp.float32)}
+        return state
 
     @jax.jit
     def train_step(state, x, y, key):
@@ -252,10 +278,17 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
         params = optax.apply_updates(state["params"], updates)
         if fc.is_ibinn(config):  # the training-mode pass's BatchNorm running statistics
             params = dict(params, glow=dict(params["glow"], bn=aux["flow"]["bn"]))
-        return {"params": params, "opt_state": opt_state}, {"loss": loss, "bpd": aux["bpd"], "acc": aux["acc"]}
+        new = {"params": params, "opt_state": opt_state}
+        if ema:
+            count = state["ema"]["count"]
+            new["ema"] = {"params": ema_update(state["ema"]["params"], params, count, ema), "count": count + 1.0}
+        return new, {"loss": loss, "bpd": aux["bpd"], "acc": aux["acc"]}
 
     def finalize(state, train_data):
         params = dict(state["params"])
+        if ema:
+            state = {**state, "online_params": state["params"]}
+            params = dict(state["ema"]["params"])
         if fc.is_ibinn(config):
             batch = _init_batch(train_data.images, n=min(1024, len(train_data)), seed=seed + 1)
             params = fc.refresh_batch_stats(params, config, batch, jax.random.PRNGKey(seed + 1))
@@ -269,7 +302,7 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
         train_step=train_step,
         evaluate=lambda state, data: evaluate_flow(state["params"], config, data),
         finalize=finalize,
-        info={"lr": lr, "augment_shift": augment_shift, "optimizer": optimizer, "mean_lr_factor": mean_lr_factor, "clip": clip,
+        info={"lr": lr, "augment_shift": augment_shift, "ema": ema, "optimizer": optimizer, "mean_lr_factor": mean_lr_factor, "clip": clip,
               **(info or {})},
         show=("loss", "bpd", "acc"),
     )
@@ -337,7 +370,7 @@ def train(arch: FlowArchitecture, training: FlowTraining, *, out, data: str = "m
     epochs = training.epochs if training.steps is None else -(-steps // max(steps_per_epoch, 1))
     spec = build_spec(config, train_ds, training.lr, steps, training.seed, augment_shift=training.augment_shift,
                       optimizer=training.optimizer, mean_lr_factor=training.mean_lr_factor, clip=training.clip,
-                      init_params=init_params, info=init_info)
+                      init_params=init_params, info=init_info, ema=training.ema)
     t0 = time.perf_counter()
     _, metrics = fit(
         spec, train_ds, test, out, epochs=epochs, batch_size=training.batch_size, seed=training.seed,
