@@ -92,9 +92,15 @@ def _timed_rows(res: dict, loaded, sizes, reps: int, budget_s: float, step, refi
 
     from benchmarks import roofline
     from benchmarks.twins.flow import ecinn_next_class
+    from cfjax.pipelines.sharding import batch_mesh, mesh_size, replicate, shard_batch
 
     params, config, twin, images, torch = loaded
     cf = cfjax_fn(config, step, DIRECTION, refine)
+    # as `cfjax explain ecinn` runs it: the batch split over every local device (one XLA host
+    # device per core where cfjax.xla_cpu sets them for ECINN), parameters replicated
+    mesh = batch_mesh(0)
+    params_r = replicate(params, mesh)
+    res["cfjax_devices"] = mesh_size(mesh)
     dev = res["twin_device"] = common.twin_device()
     if dev != "cpu":  # parity was checked on the CPU twin; time a copy on the device
         with common.twin_context(dev):
@@ -108,11 +114,13 @@ def _timed_rows(res: dict, loaded, sizes, reps: int, budget_s: float, step, refi
             log(f"{label} batch {b}: skipped ({skip['reason']})")
             continue
         x = np.resize(images, (b, *images.shape[1:])).astype(np.float32)
-        xj = jnp.asarray(x)
+        sharded = mesh is not None and b % mesh_size(mesh) == 0
+        xj, pj = (shard_batch(x, mesh), params_r) if sharded else (jnp.asarray(x), params)
         xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous().to(dev)
-        f_jax = lambda xj=xj: jax.block_until_ready(cf(params, xj))  # noqa: E731 - bound: kept for the roofline
+        f_jax = lambda xj=xj, pj=pj: jax.block_until_ready(cf(pj, xj))  # noqa: E731 - bound: kept for the roofline
         f_torch = common.on_twin_device(lambda xt=xt: ecinn_next_class(twin, xt, step, refine), dev)  # noqa: E731
         row = common.time_pair(b, f_jax, f_torch, reps, b, "cf_per_s", b == head, False)
+        row["cfjax_devices"] = mesh_size(mesh) if sharded else 1
         if b == head:
             head_fns = {"cfjax": f_jax, "twin": f_torch}
         rows.append(row)

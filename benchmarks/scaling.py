@@ -1,6 +1,6 @@
 """ECINN counterfactuals/s at a fixed global batch on 1, 2, 4, 8 devices (the batch Mesh).
 
-    python -m benchmarks.scaling [--batch 256] [--devices 1 2 4 8] [--repeats 7] [--out benchmarks/results/scaling_cpu.json]
+    python -m benchmarks.scaling [--batch 256] [--devices 1 2 4 8] [--repeats 7] [--model mnist5k] [--out benchmarks/results/scaling_cpu.json]
 
 Without a GPU/TPU the devices are forced host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here before jax is imported): they
@@ -8,8 +8,9 @@ share the machine's real cores, so on a small CPU this measures the *overhead* o
 partitioned program, the scatter of the batch and the gather of the results), not a speedup.
 On real accelerators the same script measures scaling.
 
-Method: the shipped mnist5k flow, the CLI defaults (step "short", 2 refinement rounds, target
-"next"); per device count, compile time is ``lower().compile()`` of the sharded program,
+Method: a shipped flow (``--model``, default the CLI's IB-INN flow ``mnist5k``; ``mnist5k_glow``
+the Glow flow) with the CLI's ECINN defaults (step rule, refinement rounds, target "next") and the
+XLA:CPU flags cfjax sets for ECINN (``cfjax.xla_cpu``); per device count, compile time is ``lower().compile()`` of the sharded program,
 reported separately; then warm-up calls and ``repeats`` timed calls with ``block_until_ready``,
 interleaved over the device counts (round-robin, so machine drift spreads over all of them);
 the median is reported with min and max. Every device count's counterfactuals are compared to
@@ -24,6 +25,9 @@ import sys
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from cfjax import xla_cpu  # noqa: E402 - before JAX starts its backend
+
+xla_cpu.apply("ecinn")  # the flags `cfjax explain ecinn` runs with (the device count above wins)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=256, help="global batch (queries per call), divisible by every device count")
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--model", default="mnist5k", help="shipped flow: mnist5k (IB-INN, the CLI's default) or mnist5k_glow")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/scaling_cpu.json")
     ap.add_argument("--png", default=None, help="plot (default: --out with .png)")
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
     for d in args.devices:
         if args.batch % d:
             raise SystemExit(f"--batch {args.batch} is not divisible by {d} devices")
-    params0, config, _ = load_flow(default_model_dir("flow", "mnist5k_glow"))
+    params0, config, _ = load_flow(default_model_dir("flow", args.model))
     test = load_dataset("mnist5k", "test").images
     x = np.resize(test, (args.batch,) + test.shape[1:]).astype(np.float32)  # repeats the split if the batch is larger
     tk = np.zeros(args.batch, np.int32)
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
         "device": {**cpu_description(), "jax_platform": dev.platform, "jax_device_kind": getattr(dev, "device_kind", ""),
                    "local_devices": jax.local_device_count(), "forced_host_devices": forced},
         "versions": versions(),
-        "settings": {"method": "ecinn", "model": "mnist5k_glow_flow (shipped)", "global_batch": args.batch, "target": "next",
+        "settings": {"method": "ecinn", "model": f"{args.model} (shipped flow)", "global_batch": args.batch, "target": "next",
                      **static, "repeats": args.repeats, "warmup": args.warmup, "timing": "median of interleaved repeats, block_until_ready",
                      "xla_flags": os.environ.get("XLA_FLAGS", ""), "command": "python -m benchmarks.scaling " + " ".join(argv or sys.argv[1:])},
         "rows": out_rows,

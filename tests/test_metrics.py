@@ -321,6 +321,11 @@ def test_cli_evaluate_synthetic_file(tmp_path, capsys):
     assert m["sparsity"] == pytest.approx((np.abs(d) > 0.1).mean(1).mean(), rel=1e-5)
     assert m["seconds_per_cf"] == pytest.approx(0.05)
     assert m["nn_distance"] > 0 and m["pca_error"] > 0 and m["nn_distance_query"] > 0
+    for name in ("grey_share", "laplacian_energy", "isolated_ink"):  # texture of x_cf and, as yardstick, of x
+        loops = np.array([_texture_loops(im) for im in a["x_cf"]]), np.array([_texture_loops(im) for im in a["x"]])
+        col = ("grey_share", "laplacian_energy", "isolated_ink").index(name)
+        assert m[name] == pytest.approx(loops[0][:, col].mean(), rel=1e-4)
+        assert m[f"{name}_query"] == pytest.approx(loops[1][:, col].mean(), rel=1e-4)
     for k in ("oracle_agreement", "bits_per_dim", "deletion_auc"):
         assert k not in m
     assert set(m["skipped"]) == {"oracle", "flow", "heatmap"}
@@ -453,3 +458,49 @@ def test_cli_evaluate_error_in_a_subprocess(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "missing key(s)" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "m.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# stroke texture
+
+
+def _texture_loops(img):
+    """grey share, Laplacian energy and isolated-ink count of one (H, W, C) image, by loops."""
+    g = img.mean(-1).astype(np.float64)
+    h, w = g.shape
+
+    def at(i, j):
+        return g[i, j] if 0 <= i < h and 0 <= j < w else 0.0
+
+    inked = [(i, j) for i in range(h) for j in range(w) if g[i, j] > 0.2]
+    grey = sum(1 for i, j in inked if g[i, j] < 0.8) / max(len(inked), 1)
+    lap = sum((4 * g[i, j] - at(i - 1, j) - at(i + 1, j) - at(i, j - 1) - at(i, j + 1)) ** 2 for i in range(h) for j in range(w))
+    energy = lap / max(float((g**2).sum()), 1e-12)
+    lone = 0
+    for i in range(h):
+        for j in range(w):
+            around = sum(at(i + di, j + dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj) / 8
+            lone += g[i, j] > 0.3 and around < 0.15
+    return grey, energy, lone
+
+
+def test_stroke_texture_matches_loops_and_known_images():
+    x = (RNG.random((5, 7, 6, 2)) ** 3).astype(np.float32)  # mostly dark, some ink, some grey
+    x[4] = 0.0  # a blank image: every measure 0, no division by zero
+    expect = np.array([_texture_loops(im) for im in x])
+    np.testing.assert_allclose(np.asarray(M.grey_share(x, reduce=False)), expect[:, 0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(M.laplacian_energy(x, reduce=False)), expect[:, 1], rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(M.isolated_ink(x, reduce=False)), expect[:, 2])
+    assert np.isclose(float(M.grey_share(x)), expect[:, 0].mean(), rtol=1e-5)
+    # a lone white pixel: one isolated pixel, Laplacian energy 16 + 4 = 20, no grey ink
+    dot = np.zeros((1, 9, 9, 1), np.float32)
+    dot[0, 4, 4] = 1.0
+    assert float(M.isolated_ink(dot)) == 1.0 and np.isclose(float(M.laplacian_energy(dot)), 20.0)
+    assert float(M.grey_share(dot)) == 0.0
+    # a thick solid stroke: no lone pixels, lower energy than the dot; a grey smudge: all grey
+    bar = np.zeros((1, 9, 9, 1), np.float32)
+    bar[0, 2:7, 3:6] = 1.0
+    assert float(M.isolated_ink(bar)) == 0.0 and float(M.laplacian_energy(bar)) < 20.0
+    assert float(M.grey_share(bar * 0.5)) == 1.0
+    with pytest.raises(CfjaxError, match=r"\(B, H, W, C\)"):
+        M.grey_share(np.zeros((9, 9)))

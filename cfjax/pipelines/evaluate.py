@@ -48,6 +48,9 @@ CONVENTIONS = {
     "deletion_auc": "area under p(predicted class) while pixels are set to 0 in heatmap order; lower = better",
     "insertion_auc": "area under p(predicted class) while pixels are copied onto a black image; higher = better",
     "marker_mass": "fraction of |x_cf - x| on the FakeMNIST marker pixels of the true and target class",
+    "grey_share": "share of inked pixels (> 0.2) that are grey (< 0.8), channel mean; *_query: the same for the queries",
+    "laplacian_energy": "sum of the squared 4-neighbour Laplacian / sum of x^2 per image; speckle raises it",
+    "isolated_ink": "pixels > 0.3 whose 8 neighbours average < 0.15, per image",
 }
 
 
@@ -211,6 +214,12 @@ ROWS = [
     ("l2_per_pixel", "l2 / sqrt(H*W*C): RMS change per pixel value"),
     ("sparsity", "pixels changed by > {threshold} (lower = sparser)"),
     ("seconds_per_cf", "recorded generation time per counterfactual (s)"),
+    ("grey_share", "texture: share of the ink that is grey, not solid (queries: grey_share_query)"),
+    ("grey_share_query", "yardstick: the same for the queries"),
+    ("laplacian_energy", "texture: high-frequency energy / image energy (speckle raises it)"),
+    ("laplacian_energy_query", "yardstick: the same for the queries"),
+    ("isolated_ink", "texture: lone bright pixels per image"),
+    ("isolated_ink_query", "yardstick: the same for the queries"),
     ("oracle_agreement", "x_cf an independent oracle puts in the target class"),
     ("judge_rbf", "x_cf the RBF random-feature pixel judge puts in the target class (cfjax.models.judges)"),
     ("judge_knn", "x_cf the PCA k-NN pixel judge puts in the target class"),
@@ -358,6 +367,9 @@ def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, ora
         add("l2", M.proximity_l2(x, x_cf, reduce=False))
         add("l2_per_pixel", M.proximity_l2_per_pixel(x, x_cf, reduce=False))
         add("sparsity", M.sparsity(x, x_cf, threshold, reduce=False))
+        for name in ("grey_share", "laplacian_energy", "isolated_ink"):
+            add(name, getattr(M, name)(x_cf, reduce=False))
+            add(f"{name}_query", getattr(M, name)(x, reduce=False))
         if "seconds" in data:
             chunk_seconds += float(data["seconds"])
         for key, per_example in _reference_metrics(data, x, x_cf, ctx, data_name, path, batch_size):
