@@ -326,6 +326,21 @@ def _heatmap_model(model, first: dict, notes: dict) -> Path | None:
     return None
 
 
+def _file_metrics(data: dict, threshold: float):
+    """(name, per-example values) of the metrics a CF file alone gives: validity, proximity,
+    sparsity, and the stroke texture of x_cf and (``*_query``) of x."""
+    x, x_cf = data["x"], data["x_cf"]
+    yield "validity", M.validity(data["y_cf_pred"], data["y_target"], reduce=False)
+    yield "l1", M.proximity_l1(x, x_cf, reduce=False)
+    yield "l1_per_pixel", M.proximity_l1_per_pixel(x, x_cf, reduce=False)
+    yield "l2", M.proximity_l2(x, x_cf, reduce=False)
+    yield "l2_per_pixel", M.proximity_l2_per_pixel(x, x_cf, reduce=False)
+    yield "sparsity", M.sparsity(x, x_cf, threshold, reduce=False)
+    for name in ("grey_share", "laplacian_energy", "isolated_ink"):
+        yield name, getattr(M, name)(x_cf, reduce=False)
+        yield f"{name}_query", getattr(M, name)(x, reduce=False)
+
+
 def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, oracle=None, flow=None, model="auto",
                     threshold: float = 0.1, pca_k: int = 50, heatmap_limit: int = 64, steps: int = 20, ig_steps: int = 32,
                     batch_size: int = 256, seed: int = 0, seconds: float | None = None) -> tuple[dict, dict]:
@@ -361,15 +376,8 @@ def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, ora
             raise CfjaxError(f"{path}: a shard holds images {tuple(data['x'].shape[1:])}, the first holds {image_shape}")
         x, x_cf = data["x"], data["x_cf"]
         n_total += len(x)
-        add("validity", M.validity(data["y_cf_pred"], data["y_target"], reduce=False))
-        add("l1", M.proximity_l1(x, x_cf, reduce=False))
-        add("l1_per_pixel", M.proximity_l1_per_pixel(x, x_cf, reduce=False))
-        add("l2", M.proximity_l2(x, x_cf, reduce=False))
-        add("l2_per_pixel", M.proximity_l2_per_pixel(x, x_cf, reduce=False))
-        add("sparsity", M.sparsity(x, x_cf, threshold, reduce=False))
-        for name in ("grey_share", "laplacian_energy", "isolated_ink"):
-            add(name, getattr(M, name)(x_cf, reduce=False))
-            add(f"{name}_query", getattr(M, name)(x, reduce=False))
+        for key, per_example in _file_metrics(data, threshold):
+            add(key, per_example)
         if "seconds" in data:
             chunk_seconds += float(data["seconds"])
         for key, per_example in _reference_metrics(data, x, x_cf, ctx, data_name, path, batch_size):
