@@ -116,6 +116,12 @@ def test_feature_and_pixel_terms_match_numpy():
     np.testing.assert_allclose(disc.ink_shortfall(x, q, 0.5), np.maximum(0, need - x.mean((1, 2, 3))) / need, rtol=1e-5)
     np.testing.assert_allclose(disc.ink_shortfall(np.zeros_like(q), q, 0.5), [1.0, 1.0], rtol=1e-6)
     np.testing.assert_array_equal(disc.ink_shortfall(q, q, 0.5), [0.0, 0.0])
+    frame = np.ones((5, 6), bool)
+    frame[1:4, 1:5] = False  # width 1 on a 5x6 image: 30 - 12 = 18 border pixels
+    np.testing.assert_allclose(disc.frame_ink(x, 1), x[:, frame].mean((1, 2)), rtol=1e-6)
+    centred = np.zeros((1, 28, 28, 1))
+    centred[0, 4:24, 4:24] = 1.0
+    assert float(disc.frame_ink(centred, 4)[0]) == 0.0 and float(disc.frame_ink(1.0 - centred, 4)[0]) == 1.0
 
 
 def test_total_variation_matches_numpy_loops():
@@ -428,7 +434,8 @@ def test_image_objective_matches_numpy():
     q = RNG.uniform(size=(3, 6, 6, 1)).astype(np.float32)
     t = np.array([0, 2, 1])
     cfg = disc.DISCConfig(prior="pixels", lambda_cf=1.5, lambda_tv=0.3, lambda_l2=0.2, lambda_l1=0.7, lambda_bn=0.05,
-                          lambda_ink=0.9, lambda_keep=2.0, keep_fraction=0.9, first_bn_weight=4.0, jitter=0)
+                          lambda_ink=0.9, lambda_keep=2.0, keep_fraction=0.9, lambda_frame=1.3, frame_width=1, first_bn_weight=4.0,
+                          jitter=0)
     stage = disc.make_stage(model.apply, cfg, cfg.make_prior(), apply_kwargs={"train": False})
     assert (stage.steps, stage.mode, stage.use_bn, stage.use_feat) == (cfg.steps, "ce", True, False)
     d = disc.StageData(None, jnp.asarray(q), None, jnp.asarray(t), jnp.float32(1.0), v, None)
@@ -441,6 +448,7 @@ def test_image_objective_matches_numpy():
     want = (1.5 * -_np_log_softmax(logits)[np.arange(3), t] + 0.3 * tv + 0.2 * (xd**2).mean((1, 2, 3))
             + 0.7 * np.abs(xd - q).mean((1, 2, 3)) + 0.9 * (xd * (1 - xd)).mean((1, 2, 3))
             + 2.0 * np.maximum(0, 0.9 * q.mean((1, 2, 3)) - xd.mean((1, 2, 3))) / (0.9 * q.mean((1, 2, 3)))
+            + 1.3 * (xd.sum((1, 2, 3)) - xd[:, 1:-1, 1:-1].sum((1, 2, 3))) / (36 - 16)
             + 0.05 * _np_bn_loss(bn_in, stats, "image", 4.0))
     np.testing.assert_allclose(per_ex, want, rtol=2e-4)
     np.testing.assert_allclose(total, want.mean(), rtol=2e-4)
@@ -628,7 +636,8 @@ def test_disc_flags_reach_the_config():
     d = disc.DISCConfig()
     assert disc_config(p.parse_args(["--out", "x.npz"])) == d  # the CLI defaults are the library's
     cfg = disc_config(p.parse_args(["--out", "x.npz", "--jitter", "3", "--l1-weight", "0.25", "--mc-weight", "2", "--bn-weight", "0.5",
-                                    "--tv-weight", "0.75", "--l2-weight", "0", "--ink-weight", "2", "--keep-ink-weight", "4"]))
-    assert (cfg.jitter, cfg.lambda_l1, cfg.lambda_mc, cfg.lambda_bn, cfg.lambda_tv, cfg.lambda_l2, cfg.lambda_ink, cfg.lambda_keep) == (
-        3, 0.25, 2.0, 0.5, 0.75, 0.0, 2.0, 4.0)
+                                    "--tv-weight", "0.75", "--l2-weight", "0", "--ink-weight", "2", "--keep-ink-weight", "4",
+                                    "--frame-weight", "3"]))
+    assert (cfg.jitter, cfg.lambda_l1, cfg.lambda_mc, cfg.lambda_bn, cfg.lambda_tv, cfg.lambda_l2, cfg.lambda_ink, cfg.lambda_keep,
+            cfg.lambda_frame) == (3, 0.25, 2.0, 0.5, 0.75, 0.0, 2.0, 4.0, 3.0)
     assert disc_config(p.parse_args(["--out", "x.npz", "--manifold", "none", "--mc-weight", "2"])).lambda_mc == 0.0

@@ -10,6 +10,7 @@ class y', optimise an image x_bar = render(phi) (see :mod:`cfjax.models.priors`)
       + lambda_tv   * total_variation(x_bar) + lambda_l2 * l2_prior(x_bar)
       + lambda_ink  * ink_prior(x_bar)                          strokes, not grey (off by default)
       + lambda_keep * ink_shortfall(x_bar, x, keep_fraction)     do not erase the digit (off by default)
+      + lambda_frame * frame_ink(x_bar, frame_width)             no ink at the border (off by default)
       + lambda_l1   * pixel_proximity(x_bar, x)
 
 Each term is its own pure function (per-example values, batch = leading axis); the BatchNorm
@@ -49,7 +50,7 @@ from cfjax.methods.bn_capture import BN_CONVENTIONS, Capture, bn_statistics_loss
 from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, random_shift, total_variation  # noqa: F401 - part of this module's API
 from cfjax.models import priors as priors_lib
 from cfjax.parallel import batch_mesh_of, per_example
-from cfjax.validation import non_negative_int, positive_float, validate_images, validate_targets
+from cfjax.validation import non_negative_int, positive_float, positive_int, validate_images, validate_targets
 
 TARGET_MODES = ("ce", "prob")
 MC_MODES = ("nll", "max")
@@ -130,6 +131,17 @@ def ink_shortfall(x: jax.Array, x_query: jax.Array, fraction: float) -> jax.Arra
     return jax.nn.relu(need - jnp.mean(x, (1, 2, 3))) / jnp.maximum(need, _TINY)
 
 
+def frame_ink(x: jax.Array, width: int) -> jax.Array:
+    """Mean pixel value of the outer frame ``width`` pixels wide, x (B, H, W, C) -> (B,). MNIST's
+    digits are scaled into the central 20x20 box of 28x28, so real digits leave a 4-pixel frame
+    (almost) empty, while a counterfactual that paints a bar along the border (which classifiers
+    readily call a 1) fills it."""
+    h, w = x.shape[1:3]
+    inner = jnp.zeros((h, w), bool).at[width : h - width, width : w - width].set(True)
+    frame = (~inner).astype(x.dtype)[None, :, :, None]
+    return jnp.sum(x * frame, (1, 2, 3)) / (jnp.sum(frame) * x.shape[-1])
+
+
 def pixel_proximity(x: jax.Array, x_query: jax.Array, p: float = 1) -> jax.Array:
     """Mean |x - x_query|^p per image: (B, H, W, C) twice -> (B,) (p=1: mean absolute change)."""
     return jnp.mean(jnp.abs(x - x_query) ** p, (1, 2, 3))
@@ -155,7 +167,8 @@ class DISCConfig:
     (DUQ manifold consistency; used only when a DUQ model is given), lambda_bn (BatchNorm
     statistics), lambda_tv (total variation), lambda_l2 (l2 prior), lambda_l1 (l1 proximity),
     lambda_ink (ink prior: pixels near 0 or 1), lambda_keep (ink shortfall below
-    ``keep_fraction`` of the query's ink).
+    ``keep_fraction`` of the query's ink), lambda_frame (ink in the outer frame ``frame_width``
+    pixels wide).
     steps: counterfactual steps in all (split evenly over the stages); lr: Adam learning rate
     (None: the prior's default); schedule: "cosine" decay within each stage or "constant";
     prior: "pixels" | "dip" | "inr" with ``prior_options`` ((field, value), ...) for its
@@ -184,6 +197,8 @@ class DISCConfig:
     lambda_ink: float = 0.0
     lambda_keep: float = 0.0
     keep_fraction: float = 0.5
+    lambda_frame: float = 0.0
+    frame_width: int = 4
     steps: int = 300
     lr: float | None = None
     schedule: str = "cosine"
@@ -239,6 +254,7 @@ class DISCConfig:
             raise CfjaxError(f"coarse_to_fine is implemented for the pixels prior only, not {self.prior!r}")
         if not (isinstance(self.keep_fraction, (int, float)) and 0 < self.keep_fraction <= 1):
             raise CfjaxError(f"DISC keep_fraction must be in (0, 1], got {self.keep_fraction!r}", argument="keep_fraction")
+        positive_int(self.frame_width, "DISC frame_width")
         if not (isinstance(self.margin, (int, float)) and 0 <= self.margin < 1):
             raise CfjaxError(f"DISC margin must be in [0, 1), got {self.margin!r}")
         if self.bn_convention not in BN_CONVENTIONS:
@@ -347,6 +363,8 @@ def image_objective(x, d: StageData, spec: Stage, shift_key: jax.Array | None = 
         per_ex = per_ex + cfg.lambda_ink * ink_prior(x)
     if cfg.lambda_keep > 0:
         per_ex = per_ex + cfg.lambda_keep * ink_shortfall(x, d.xq, cfg.keep_fraction)
+    if cfg.lambda_frame > 0:
+        per_ex = per_ex + cfg.lambda_frame * frame_ink(x, cfg.frame_width)
     total: jax.Array | float = 0.0
     if spec.use_bn:
         bn = bn_statistics_loss(cap.bn_inputs, cap.bn_stats, cfg.bn_convention, cfg.first_bn_weight)
