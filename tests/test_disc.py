@@ -637,7 +637,7 @@ def test_disc_flags_reach_the_config():
     assert disc_config(p.parse_args(["--out", "x.npz"])) == d  # the CLI defaults are the library's
     cfg = disc_config(p.parse_args(["--out", "x.npz", "--jitter", "3", "--l1-weight", "0.25", "--mc-weight", "2", "--bn-weight", "0.5",
                                     "--tv-weight", "0.75", "--l2-weight", "0", "--ink-weight", "2", "--keep-ink-weight", "4",
-                                    "--frame-weight", "3"]))
+                                    "--frame-weight", "3", "--keep-ink-fraction", "0.25"]))
     assert (cfg.jitter, cfg.lambda_l1, cfg.lambda_mc, cfg.lambda_bn, cfg.lambda_tv, cfg.lambda_l2, cfg.lambda_ink, cfg.lambda_keep,
-            cfg.lambda_frame) == (3, 0.25, 2.0, 0.5, 0.75, 0.0, 2.0, 4.0, 3.0)
+            cfg.lambda_frame, cfg.keep_fraction) == (3, 0.25, 2.0, 0.5, 0.75, 0.0, 2.0, 4.0, 3.0, 0.25)
     assert disc_config(p.parse_args(["--out", "x.npz", "--manifold", "none", "--mc-weight", "2"])).lambda_mc == 0.0

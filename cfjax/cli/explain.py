@@ -77,6 +77,7 @@ def add_disc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l2-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_l2, help=f"weight of the l2 prior on pixel values (default {d.lambda_l2})")
     p.add_argument("--ink-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_ink, help=f"weight of the ink prior mean x(1 - x), for strokes instead of grey (default {d.lambda_ink})")
     p.add_argument("--frame-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_frame, help=f"weight of the mean ink in the outer {d.frame_width}-pixel frame, where MNIST digits have none (default {d.lambda_frame})")
+    p.add_argument("--keep-ink-fraction", type=POSITIVE_FLOAT, default=d.keep_fraction, help=f"share of the query's ink the --keep-ink-weight term asks to keep, in (0, 1] (default {d.keep_fraction})")
     p.add_argument("--keep-ink-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_keep, help=f"weight of the penalty for keeping less than {d.keep_fraction} of the query's ink (default {d.lambda_keep})")
     p.add_argument("--mc-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_mc, help=f"weight of the DUQ manifold-consistency term with --manifold duq (default {d.lambda_mc})")
     p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
@@ -94,7 +95,7 @@ def disc_config(args):
     return d.replace(
         steps=args.steps, prior=args.prior, fit_steps=args.fit_steps, lr=args.lr, lambda_bn=args.bn_weight,
         bn_convention=args.bn_convention, progressive=args.progressive, jitter=args.jitter, seed=args.seed,
-        lambda_l1=args.l1_weight, lambda_tv=args.tv_weight, lambda_l2=args.l2_weight, lambda_ink=args.ink_weight, lambda_keep=args.keep_ink_weight, lambda_frame=args.frame_weight, lambda_mc=args.mc_weight if args.manifold == "duq" else 0.0,
+        lambda_l1=args.l1_weight, lambda_tv=args.tv_weight, lambda_l2=args.l2_weight, lambda_ink=args.ink_weight, lambda_keep=args.keep_ink_weight, keep_fraction=args.keep_ink_fraction, lambda_frame=args.frame_weight, lambda_mc=args.mc_weight if args.manifold == "duq" else 0.0,
     )
 
 
