@@ -119,9 +119,15 @@ class DISCExplainer:
 
     @classmethod
     def pretrained(cls, dataset: str = "mnist5k", manifold: bool = True, config=None) -> "DISCExplainer":
-        """The classifier (and, with ``manifold``, the DUQ model) shipped for ``dataset``."""
+        """The classifier (and, with ``manifold``, the DUQ model) shipped for ``dataset``; without
+        ``config``, the CLI's defaults for that dataset (the "strokes" style for MNIST, see
+        :func:`cfjax.pipelines.explain_disc.default_style`)."""
+        from cfjax.methods.disc import DISCConfig, styled
+        from cfjax.pipelines.explain_disc import default_style
         from cfjax.pretrained import default_model_dir
 
+        if config is None:
+            config = styled(DISCConfig(), default_style(dataset))
         duq = default_model_dir("duq", dataset) if manifold else None
         return cls.load(default_model_dir("classifier", dataset), duq, config)
 

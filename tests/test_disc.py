@@ -634,7 +634,16 @@ def test_disc_flags_reach_the_config():
     p = argparse.ArgumentParser()
     add_disc(p)
     d = disc.DISCConfig()
-    assert disc_config(p.parse_args(["--out", "x.npz"])) == d  # the CLI defaults are the library's
+    # the CLI defaults are the library's, with the "strokes" image priors for MNIST-family data
+    strokes = disc.styled(d, "strokes")
+    assert (strokes.lambda_ink, strokes.lambda_keep, strokes.lambda_frame) == (8.0, 5.0, 5.0) and disc.styled(strokes, "plain") == d
+    assert disc_config(p.parse_args(["--out", "x.npz"])) == strokes
+    assert disc_config(p.parse_args(["--out", "x.npz", "--data", "q.npz", "--model", "mnist5k"])) == strokes
+    for plain in (["--data", "cifar10"], ["--data", "q.npz", "--model", "my_models/clf"], ["--style", "plain"]):
+        assert disc_config(p.parse_args(["--out", "x.npz", *plain])) == d, plain
+    assert disc_config(p.parse_args(["--out", "x.npz", "--data", "cifar10", "--style", "strokes", "--frame-weight", "0"])) == strokes.replace(lambda_frame=0.0)
+    with pytest.raises(CfjaxError, match="unknown DISC style 'bold'"):
+        disc.styled(d, "bold")
     cfg = disc_config(p.parse_args(["--out", "x.npz", "--jitter", "3", "--l1-weight", "0.25", "--mc-weight", "2", "--bn-weight", "0.5",
                                     "--tv-weight", "0.75", "--l2-weight", "0", "--ink-weight", "2", "--keep-ink-weight", "4",
                                     "--frame-weight", "3", "--keep-ink-fraction", "0.25"]))

@@ -75,10 +75,15 @@ def add_disc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l1-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_l1, help=f"weight of the l1 proximity to the query (default {d.lambda_l1})")
     p.add_argument("--tv-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_tv, help=f"weight of the total-variation prior (default {d.lambda_tv})")
     p.add_argument("--l2-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_l2, help=f"weight of the l2 prior on pixel values (default {d.lambda_l2})")
-    p.add_argument("--ink-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_ink, help=f"weight of the ink prior mean x(1 - x), for strokes instead of grey (default {d.lambda_ink})")
-    p.add_argument("--frame-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_frame, help=f"weight of the mean ink in the outer {d.frame_width}-pixel frame, where MNIST digits have none (default {d.lambda_frame})")
+    strokes = disc.STYLES["strokes"]
+    p.add_argument("--style", choices=("auto", *disc.STYLES), default="auto",
+                   help="image-prior weights: strokes (ink {lambda_ink:g}, keep-ink {lambda_keep:g}, frame {lambda_frame:g}: handwriting "
+                        "on a black page) or plain (all 0); auto (default): strokes for the MNIST-family datasets and for "
+                        ".npz queries with the shipped mnist5k model, plain otherwise. The three weight flags override it".format(**strokes))
+    p.add_argument("--ink-weight", type=NON_NEGATIVE_FLOAT, default=None, help="weight of the ink prior mean x(1 - x), for strokes instead of grey (default: --style's)")
+    p.add_argument("--frame-weight", type=NON_NEGATIVE_FLOAT, default=None, help=f"weight of the mean ink in the outer {d.frame_width}-pixel frame, where MNIST digits have none (default: --style's)")
     p.add_argument("--keep-ink-fraction", type=POSITIVE_FLOAT, default=d.keep_fraction, help=f"share of the query's ink the --keep-ink-weight term asks to keep, in (0, 1] (default {d.keep_fraction})")
-    p.add_argument("--keep-ink-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_keep, help=f"weight of the penalty for keeping less than {d.keep_fraction} of the query's ink (default {d.lambda_keep})")
+    p.add_argument("--keep-ink-weight", type=NON_NEGATIVE_FLOAT, default=None, help="weight of the penalty for keeping less than --keep-ink-fraction of the query's ink (default: --style's)")
     p.add_argument("--mc-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_mc, help=f"weight of the DUQ manifold-consistency term with --manifold duq (default {d.lambda_mc})")
     p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
     p.add_argument("--jitter", type=NON_NEGATIVE_INT, default=d.jitter, help=f"translate the image the models see by up to this many pixels, drawn afresh each optimisation step (DeepInversion's jitter; default {d.jitter} = off)")
@@ -88,14 +93,21 @@ def add_disc(p: argparse.ArgumentParser) -> None:
 
 
 def disc_config(args):
-    """The DISCConfig the flags ask for (CfjaxError from DISCConfig on a bad combination)."""
+    """The DISCConfig the flags ask for: the library's defaults, the --style's image-prior weights
+    (auto: :func:`cfjax.pipelines.explain_disc.default_style` of --data and --model), then every
+    flag given (CfjaxError from DISCConfig on a bad combination)."""
     from cfjax.methods import disc
+    from cfjax.pipelines.explain_disc import default_style
 
-    d = disc.DISCConfig()
+    style = default_style(args.data, args.model) if args.style == "auto" else args.style
+    d = disc.styled(disc.DISCConfig(), style)
+    weights = {k: v for k, v in (("lambda_ink", args.ink_weight), ("lambda_keep", args.keep_ink_weight),
+                                 ("lambda_frame", args.frame_weight)) if v is not None}
     return d.replace(
         steps=args.steps, prior=args.prior, fit_steps=args.fit_steps, lr=args.lr, lambda_bn=args.bn_weight,
         bn_convention=args.bn_convention, progressive=args.progressive, jitter=args.jitter, seed=args.seed,
-        lambda_l1=args.l1_weight, lambda_tv=args.tv_weight, lambda_l2=args.l2_weight, lambda_ink=args.ink_weight, lambda_keep=args.keep_ink_weight, keep_fraction=args.keep_ink_fraction, lambda_frame=args.frame_weight, lambda_mc=args.mc_weight if args.manifold == "duq" else 0.0,
+        lambda_l1=args.l1_weight, lambda_tv=args.tv_weight, lambda_l2=args.l2_weight, keep_fraction=args.keep_ink_fraction,
+        lambda_mc=args.mc_weight if args.manifold == "duq" else 0.0, **weights,
     )
 
 

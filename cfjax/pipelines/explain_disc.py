@@ -115,6 +115,19 @@ def explain_arrays(
     return res
 
 
+# Datasets of handwriting on a black page: DISC's "strokes" style is their default (disc.STYLES).
+STROKE_DATASETS = ("mnist5k", "mnist", "emnist", "kmnist")
+
+
+def default_style(data: str, model: str | None = None) -> str:
+    """The DISC style (:data:`cfjax.methods.disc.STYLES`) ``cfjax explain disc`` uses unless told:
+    "strokes" for the handwriting datasets (:data:`STROKE_DATASETS`) and for an .npz of queries
+    explained with the shipped mnist5k classifier, "plain" for anything else."""
+    if data in STROKE_DATASETS:
+        return "strokes"
+    return "strokes" if str(data).endswith(".npz") and model in STROKE_DATASETS else "plain"
+
+
 def _load_models(queries: Queries, manifold: str, duq_dir, image_shape):
     """(model_dir, apply_fn, variables, classifier config, duq pair or None, duq_dir)."""
     from cfjax import model_dirs
@@ -174,7 +187,9 @@ def explain(queries: Queries, output: Output, config: disc.DISCConfig = disc.DIS
         seconds=np.float32(seconds), **res, **extra,
     )
     flip = float(np.mean(res["y_cf_pred"] == res["y_target"]))
-    print(f"DISC ({config.prior}, manifold {manifold}, {'progressive' if config.progressive else 'one stage'}, {config.steps} steps): "
+    priors = "".join(f", {name} {w:g}" for name, w in (("ink", config.lambda_ink), ("keep-ink", config.lambda_keep),
+                                                         ("frame", config.lambda_frame)) if w > 0)
+    print(f"DISC ({config.prior}, manifold {manifold}, {'progressive' if config.progressive else 'one stage'}, {config.steps} steps{priors}): "
           f"{len(x)} counterfactuals in {seconds:.1f}s ({seconds / len(x):.2f} s each, compile included, "
           f"{mesh_size(batch_mesh(devices))} device(s)); "
           f"flip rate {flip:.4f} -> {output.out}")
