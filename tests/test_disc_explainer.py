@@ -30,3 +30,13 @@ def test_bad_settings_are_refused():
     x = load_dataset("mnist5k", "test").images[:2]
     with pytest.raises(cfjax.CfjaxError):
         ex.explain(x, target=np.array([1, 10]))
+
+
+def test_pretrained_defaults_are_the_clis_for_the_dataset():
+    """Without a config, DISCExplainer.pretrained takes what `cfjax explain disc --data mnist5k`
+    takes: the library defaults with the "strokes" image priors; an own model keeps the plain ones."""
+    from cfjax.methods.disc import styled
+
+    ex = cfjax.DISCExplainer.pretrained("mnist5k", manifold=False)
+    assert ex.config == styled(DISCConfig(), "strokes") and ex.config.lambda_frame > 0
+    assert cfjax.DISCExplainer(ex.apply_fn, ex.variables).config == DISCConfig()
