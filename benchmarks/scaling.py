@@ -48,11 +48,8 @@ def cpu_description() -> dict:
                 break
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu_model": model or platform.processor() or "unknown", "cpu_count": os.cpu_count(), "usable_cores": usable}
+    return {"cpu_model": model or platform.processor() or "unknown", "cpu_count": os.cpu_count(),
+            "usable_cores": xla_cpu.usable_cores()}
 
 
 def versions() -> dict:

@@ -204,6 +204,14 @@ def isolated_ink(x_cf, on: float = 0.3, off: float = 0.15, reduce: bool = True) 
     return _reduce(jnp.sum((g > on) & (around < off), (1, 2)).astype(jnp.float32), reduce)
 
 
+TEXTURE = ("grey_share", "laplacian_energy", "isolated_ink")
+
+
+def stroke_texture(x, reduce: bool = True) -> dict[str, Array]:
+    """``{name: value}`` for the three texture metrics (:data:`TEXTURE`) of images x (B, H, W, C)."""
+    return {name: globals()[name](x, reduce=reduce) for name in TEXTURE}
+
+
 def runtime_per_counterfactual(seconds, n: int) -> float:
     """Wall time per counterfactual: ``seconds / n`` (``seconds`` for the whole batch of ``n``)."""
     seconds = float(np.asarray(seconds))
@@ -582,5 +590,6 @@ __all__ = [
     "proximity_l2_per_pixel",
     "runtime_per_counterfactual",
     "sparsity",
+    "stroke_texture",
     "validity",
 ]

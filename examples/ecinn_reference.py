@@ -87,7 +87,7 @@ def judge_row(js: dict, images: np.ndarray, target: np.ndarray, valid: np.ndarra
         agree.append(hit)
     row["judges_all_agree"] = rate(np.all(agree, axis=0))
     # stroke texture (cfjax.metrics): real digits ~0.36 grey share, ~1.4 Laplacian energy, ~0.07 lone pixels
-    row["texture"] = {name: round(float(getattr(M, name)(images)), 4) for name in ("grey_share", "laplacian_energy", "isolated_ink")}
+    row["texture"] = {name: round(float(v), 4) for name, v in M.stroke_texture(images).items()}
     return row
 
 

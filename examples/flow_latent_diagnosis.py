@@ -77,7 +77,7 @@ def texture_sweep(params, config, x: np.ndarray, y: np.ndarray) -> dict:
     r = z - m[y]
 
     def tex(a):
-        return {k: round(float(getattr(M, k)(a)), 4) for k in ("grey_share", "laplacian_energy", "isolated_ink")}
+        return {k: round(float(v), 4) for k, v in M.stroke_texture(a).items()}
 
     out = {"queries": tex(x), "reconstruction": tex(dec(z)), "target_mean_alone": tex(dec(m[t]))}
     for s in (1.0, 0.5, 0.25):

@@ -492,6 +492,10 @@ def test_stroke_texture_matches_loops_and_known_images():
     np.testing.assert_allclose(np.asarray(M.laplacian_energy(x, reduce=False)), expect[:, 1], rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(M.isolated_ink(x, reduce=False)), expect[:, 2])
     assert np.isclose(float(M.grey_share(x)), expect[:, 0].mean(), rtol=1e-5)
+    together = M.stroke_texture(x, reduce=False)
+    assert tuple(together) == M.TEXTURE
+    for col, name in enumerate(M.TEXTURE):
+        np.testing.assert_allclose(np.asarray(together[name]), expect[:, col], rtol=1e-4, atol=1e-7)
     # a lone white pixel: one isolated pixel, Laplacian energy 16 + 4 = 20, no grey ink
     dot = np.zeros((1, 9, 9, 1), np.float32)
     dot[0, 4, 4] = 1.0

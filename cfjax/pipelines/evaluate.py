@@ -336,9 +336,8 @@ def _file_metrics(data: dict, threshold: float):
     yield "l2", M.proximity_l2(x, x_cf, reduce=False)
     yield "l2_per_pixel", M.proximity_l2_per_pixel(x, x_cf, reduce=False)
     yield "sparsity", M.sparsity(x, x_cf, threshold, reduce=False)
-    for name in ("grey_share", "laplacian_energy", "isolated_ink"):
-        yield name, getattr(M, name)(x_cf, reduce=False)
-        yield f"{name}_query", getattr(M, name)(x, reduce=False)
+    yield from M.stroke_texture(x_cf, reduce=False).items()
+    yield from ((f"{name}_query", v) for name, v in M.stroke_texture(x, reduce=False).items())
 
 
 def evaluate_chunks(chunks, path: str, data_name: str | None, data_dir=None, oracle=None, flow=None, model="auto",
