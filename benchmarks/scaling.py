@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         mesh = batch_mesh(d)
         p, xs, ts = replicate(params0, mesh), shard_batch(x, mesh), shard_batch(tk, mesh)
         t0 = time.perf_counter()
-        compiled = _explain_batch.lower(p, config, xs, True, ts, **static).compile()
+        compiled = _explain_batch.lower(p, config, xs, True, ts, mesh=mesh, **static).compile()
         compile_s = time.perf_counter() - t0
         run = lambda p=p, xs=xs, ts=ts, c=compiled: jax.block_until_ready(c(p, xs, True, ts))  # noqa: E731
         out = run()

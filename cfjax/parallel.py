@@ -39,6 +39,22 @@ def batch_mesh_of(x) -> Mesh | None:
     return mesh
 
 
+def per_slice(fn: Callable, batched: Any, mesh: Mesh | None) -> Callable:
+    """``fn`` (already batched: it maps a batch to a batch), run by every device of a one-axis
+    ``mesh`` on its own slice of the batch under ``jax.shard_map``; ``fn`` itself for ``mesh``
+    None. ``batched`` mirrors fn's positional arguments: True for one split along its leading
+    axis, False for one replicated (a pytree of flags is allowed for a pytree argument). Every
+    output is split along its leading axis. For a fn whose examples are independent, the results
+    equal fn's on each slice and the compiled program has no cross-device communication (jit's
+    automatic partitioning of the same fn may insert collectives, e.g. for a concatenation along
+    the batch axis)."""
+    if mesh is None:
+        return fn
+    (axis,) = mesh.axis_names
+    in_specs = jax.tree.map(lambda b: PartitionSpec(axis) if b else PartitionSpec(), tuple(batched))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(axis), check_vma=False)
+
+
 def per_example(fn: Callable, in_axes: Any, mesh: Mesh | None) -> Callable:
     """``jax.vmap(fn, in_axes)``; with a one-axis ``mesh``, under ``jax.shard_map``: arguments
     mapped on axis 0 are split along the mesh axis, unmapped ones (``None``) replicated, and every
@@ -47,13 +63,9 @@ def per_example(fn: Callable, in_axes: Any, mesh: Mesh | None) -> Callable:
     mapped = jax.vmap(fn, in_axes=in_axes)
     if mesh is None:
         return mapped
-    (axis,) = mesh.axis_names
-    in_specs: Any
-    if in_axes == 0 or in_axes is None:
-        in_specs = PartitionSpec(axis) if in_axes == 0 else PartitionSpec()
-    else:
-        in_specs = jax.tree.map(lambda a: PartitionSpec() if a is None else PartitionSpec(axis), in_axes,
-                                is_leaf=lambda a: a is None)
-        if isinstance(in_specs, list):
-            in_specs = tuple(in_specs)
-    return jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(axis), check_vma=False)
+    if in_axes == 0 or in_axes is None:  # one spec for every argument
+        (axis,) = mesh.axis_names
+        spec = PartitionSpec(axis) if in_axes == 0 else PartitionSpec()
+        return jax.shard_map(mapped, mesh=mesh, in_specs=spec, out_specs=PartitionSpec(axis), check_vma=False)
+    batched = jax.tree.map(lambda a: a is not None, in_axes, is_leaf=lambda a: a is None)
+    return per_slice(mapped, tuple(batched), mesh)

@@ -29,7 +29,7 @@ and numbers are in ``benchmarks/results/xla_cpu_flags_cpu.json``):
   Measured on 2 cores: DISC's defaults 1.39x on 64 queries (22.7 s -> 16.3 s after compilation),
   the pixel-prior benchmark configuration 1.50x at batch 256; results equal one device's on each
   slice up to float32 rounding. ECINN gains little from it (its program already keeps both
-  cores busy at its CLI batch: 0.97x at 256, 1.06x at 4, 1.19x at 16; ``benchmarks.scaling``),
+  cores busy at its CLI batch: 0.97x at 256, 1.09x at 4, 1.26x at 16; ``benchmarks.scaling``),
   so it does not get it. Inert where the default backend is a GPU or TPU.
 
 Nothing is changed when the user's ``XLA_FLAGS`` already names the flag (theirs wins), when

@@ -525,7 +525,11 @@ def _capture_jit(variables, x, apply_fn, apply_kwargs, feature_layer):
 
 
 def _bn_input_shapes(apply_fn, variables, x, apply_kwargs) -> list[tuple[int, ...]]:
-    """Shapes of the BatchNorm inputs (features last) of one classifier call, without running it."""
+    """Shapes of the BatchNorm inputs (features last) of one classifier call, without running it.
+
+    ``x`` is a shape (a ``jax.ShapeDtypeStruct``), not data: slicing one query out of a batch
+    sharded over host devices would be a cross-device computation (an all-reduce) for nothing,
+    and XLA:CPU aborts a collective whose participants do not all arrive within its timeout."""
     shapes = jax.eval_shape(lambda v, xx: capture(apply_fn, v, xx, apply_kwargs, None).bn_inputs, variables, x)
     return [tuple(s.shape) for s in shapes]
 
@@ -649,7 +653,7 @@ def generate(
     kw = _freeze_kwargs(apply_kwargs)
     use_feat = cfg.lambda_feat > 0
     logits_q, feats_q = _capture_jit(variables, xq, apply_fn, kw, cfg.feature_layer if use_feat else None)
-    bn_shapes = _bn_input_shapes(apply_fn, variables, xq[:1], kw)
+    bn_shapes = _bn_input_shapes(apply_fn, variables, jax.ShapeDtypeStruct((1, *xq.shape[1:]), xq.dtype), kw)
     num_classes = logits_q.shape[-1]
     t = jnp.asarray(validate_targets(targets, num_classes, n))
     if isinstance(targets, jax.Array) and targets.dtype == jnp.int32 and targets.shape == (n,):

@@ -34,6 +34,7 @@ from cfjax.pipelines.explain_common import (
     wants_shards,
 )
 from cfjax.pipelines.progress import progress_bar, reporter
+from cfjax.parallel import per_slice
 from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_batch
 
 # The defaults of the CLI and of cfjax.Explainer: the adaptive search rule (the authors' code rule
@@ -44,10 +45,19 @@ DEFAULT_REFINE = 2
 DEFAULT_DIRECTION = "predicted_means"
 
 
-@partial(jax.jit, static_argnames=("config", "step", "direction", "refine"))
-def explain_batch(params, config, x, target_spec_next: bool, target_k, step, direction, refine):
+@partial(jax.jit, static_argnames=("config", "step", "direction", "refine", "mesh"))
+def explain_batch(params, config, x, target_spec_next: bool, target_k, step, direction, refine, mesh=None):
     """One compiled batch: x (B, H, W, C); the target is (y_pred + 1) mod C where
-    ``target_spec_next``, else ``target_k`` (B,). Returns the CF.npz arrays of the batch."""
+    ``target_spec_next``, else ``target_k`` (B,). Returns the CF.npz arrays of the batch.
+
+    With a ``mesh`` (x and target_k split over it along the batch, params replicated), every
+    device explains its own slice (:func:`cfjax.parallel.per_slice`): the queries are independent,
+    so the program needs no cross-device communication."""
+    body = partial(_explain_slice, config=config, step=step, direction=direction, refine=refine)
+    return per_slice(body, (False, True, False, True), mesh)(params, x, target_spec_next, target_k)
+
+
+def _explain_slice(params, x, target_spec_next, target_k, *, config, step, direction, refine):
     z, _ = fc.encode(params, config, x)
     probs = jax.nn.softmax(fc.latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
     y_pred = jnp.argmax(probs, -1)
@@ -103,7 +113,7 @@ def explain_arrays(params, config, x: np.ndarray, target="next", step=DEFAULT_ST
     tk = per_query if per_query is not None else np.full(n, k, np.int32)
 
     def chunk(xb, tb):  # padded to the compiled (and evenly shardable) shape by map_chunks
-        return explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tb, mesh), step, direction, refine)
+        return explain_batch(params, config, shard_batch(xb, mesh), is_next, shard_batch(tb, mesh), step, direction, refine, mesh)
 
     with progress_bar(n, "explain ecinn", disable=quiet or n <= bs) as bar:
         bar.update(0, phase="compiling")  # the first batch compiles: say so rather than sit at 0
