@@ -80,11 +80,12 @@ def test_counterfactual_is_inverse_of_latent_move(params):
     np.testing.assert_allclose(np.asarray(z_back), np.asarray(out["z_cf"]), atol=1e-3)
 
 
-def test_vmap_equals_batched_and_jit(params):
+@pytest.mark.parametrize("refine", [0, 2])
+def test_vmap_equals_batched_and_jit(params, refine):
     x = jax.random.uniform(jax.random.PRNGKey(7), (6, 8, 8, 1))
     t = jnp.array([0, 1, 2, 3, 0, 1])
-    batched = jax.jit(ecinn.counterfactual, static_argnums=1)(params, CFG, x, t)
-    one = lambda xi, ti: ecinn.counterfactual(params, CFG, xi[None], ti[None])["x_cf"][0]  # noqa: E731
+    batched = jax.jit(ecinn.counterfactual, static_argnums=(1, 4, 5, 6))(params, CFG, x, t, "paper", "predicted_means", refine)
+    one = lambda xi, ti: ecinn.counterfactual(params, CFG, xi[None], ti[None], refine=refine)["x_cf"][0]  # noqa: E731
     np.testing.assert_allclose(np.asarray(jax.vmap(one)(x, t)), np.asarray(batched["x_cf"]), atol=1e-5)
 
 
@@ -174,3 +175,45 @@ def test_package_exposes_the_pure_functions():
     assert cfjax.ecinn.counterfactual is ecinn.counterfactual
     assert cfjax.glow.glow_forward is not None and cfjax.latent.ib_loss is latent_lib.ib_loss
     assert callable(cfjax.flows.actnorm.forward) and callable(cfjax.metrics.validity)
+
+
+def _refine_reference(params, config, z, y, target, step, refine):
+    """Refinement as first written: every round re-encodes and re-steps the whole batch, a fixed
+    number of rounds, and the final predictions come from one more encode."""
+    x_cf, *_ = ecinn.step_and_decode(params, config, z, y, target, step)
+    rounds = np.zeros(len(y), np.int32)
+    for _ in range(refine):
+        z1, _ = fc.encode(params, config, x_cf)
+        p1 = jnp.argmax(latent_lib.class_logits(params["latent"], z1, config.latent.use_prior_at_test), -1)
+        done = np.asarray((p1 == target) | (y == target))
+        z2, _, _ = ecinn.latent_step(params["latent"], params["class_means"], z1, p1, target, step)
+        x2 = jnp.clip(fc.decode(params, config, z2), 0.0, 1.0)
+        x_cf = jnp.where(done[:, None, None, None], x_cf, x2)
+        rounds += ~done
+    return np.asarray(x_cf), rounds, np.asarray(fc.predict_proba(params, config, x_cf))
+
+
+@pytest.mark.parametrize("fractions, sizes", [((), (32,)), ((1 / 8,), (4, 32)), ((1 / 8, 1 / 4, 1 / 2), (4, 8, 16, 32))])
+def test_refinement_stops_early_and_moves_only_the_queries_left(monkeypatch, fractions, sizes):
+    """The while loop (rounds stop when all queries are done; a round gathers the queries left
+    into the smallest sub-batch of REFINE_FRACTIONS of the batch that holds them) gives the
+    whole-batch, fixed-round refinement's counterfactuals, rounds and predictions. Shipped flow,
+    32 queries, a short fixed step (0.7) so that rounds are needed: 6 queries need a first round
+    (the whole batch, or a sub-batch of 8), 1 a second (a sub-batch of 4), none a third."""
+    from cfjax.data import load_dataset
+    from cfjax.pipelines.train_flow import load_flow
+    from cfjax.pretrained import default_model_dir
+
+    monkeypatch.setattr(ecinn, "REFINE_FRACTIONS", fractions)
+    assert ecinn.refine_sizes(32) == sizes
+    params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
+    x = jnp.asarray(load_dataset("mnist5k", "test").images[:32], jnp.float32)
+    z, _ = fc.encode(params, config, x)
+    y = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
+    target = (y + 1) % 10
+    out = jax.jit(lambda p, z: ecinn.counterfactual_from_latent(p, config, z, y, target, 0.7, refine=3))(params, z)
+    x_ref, rounds_ref, probs_ref = _refine_reference(params, config, z, y, target, 0.7, 3)
+    np.testing.assert_array_equal(np.asarray(out["refine_rounds"]), rounds_ref)
+    assert np.bincount(rounds_ref, minlength=4).tolist()[1:] == [5, 1, 0]  # rounds of 6 and of 1 query ran
+    np.testing.assert_allclose(np.asarray(out["x_cf"]), x_ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out["probs_cf"]), probs_ref, atol=1e-4)

@@ -271,7 +271,9 @@ def ecinn_next_class(model, x: torch.Tensor, step: str = "short", refine: int = 
     """ECINN counterfactuals to the next class ((predicted + 1) mod C), refinement as in cfjax:
     x (B, C, H, W) in [0, 1] -> {x_cf (B, C, H, W), y_pred, target, z, rounds}. ``model``: a
     :class:`TwinFlowClassifier` or a ``benchmarks.twins.ibinn.TwinIBINNClassifier``; ``step``: a
-    key of :data:`STEP_RULES` or :data:`SEARCH_RULES`."""
+    key of :data:`STEP_RULES` or :data:`SEARCH_RULES`. As in cfjax, the counterfactuals are
+    checked once, the rounds stop when every query is at its target, and a round moves only the
+    queries not yet there (here exactly those: eager PyTorch takes any sub-batch shape)."""
     n_cls = model.mu.shape[0]
     z, _ = model.encode(x)
     y_pred = torch.argmax(model.class_logits_z(z), -1)
@@ -279,13 +281,17 @@ def ecinn_next_class(model, x: torch.Tensor, step: str = "short", refine: int = 
     x_cf = step_and_decode(model, z, y_pred, target, step)
     round_step = SEARCH_RULES[step][0][-1] if isinstance(step, str) and step in SEARCH_RULES else step
     rounds = torch.zeros_like(y_pred, dtype=torch.int32)
-    for _ in range(int(refine)):
+    if refine:
         z1, _ = model.encode(x_cf)
         p1 = torch.argmax(model.class_logits_z(z1), -1)
-        done = (p1 == target) | (y_pred == target)
-        x2 = step_and_decode(model, z1, p1, target, round_step)
-        x_cf = torch.where(done[:, None, None, None], x_cf, x2)
-        rounds = rounds + (~done).to(torch.int32)
+        for _ in range(int(refine)):
+            todo = torch.nonzero((p1 != target) & (y_pred != target)).flatten()
+            if todo.numel() == 0:
+                break
+            x2 = step_and_decode(model, z1[todo], p1[todo], target[todo], round_step)
+            z2, _ = model.encode(x2)
+            x_cf[todo], z1[todo], p1[todo] = x2, z2, torch.argmax(model.class_logits_z(z2), -1)
+            rounds[todo] += 1
     return {"x_cf": x_cf, "y_pred": y_pred, "target": target, "z": z, "rounds": rounds}
 
 

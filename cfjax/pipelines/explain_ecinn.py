@@ -63,7 +63,7 @@ def _explain_slice(params, x, target_spec_next, target_k, *, config, step, direc
     y_pred = jnp.argmax(probs, -1)
     target = jnp.where(target_spec_next, (y_pred + 1) % config.num_classes, target_k)
     out = ecinn.counterfactual_from_latent(params, config, z, y_pred, target, step, direction, refine)
-    probs_cf = fc.predict_proba(params, config, out["x_cf"])
+    probs_cf = out["probs_cf"] if "probs_cf" in out else fc.predict_proba(params, config, out["x_cf"])  # refinement's last check
     return {
         "x_cf": out["x_cf"],
         "y_pred": y_pred,
