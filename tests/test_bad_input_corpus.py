@@ -285,6 +285,8 @@ CLI_CASES = [
     # train
     ("train-flow-epochs-0", ["train", "flow", "--data", "mnist5k", "--out", "OUT", "--epochs", "0"], "epochs"),
     ("train-flow-batch-0", ["train", "flow", "--data", "mnist5k", "--out", "OUT", "--batch-size", "0"], "batch"),
+    ("train-flow-unfolded-noise-logit", ["train", "flow", "--arch", "ibinn-small", "--data", "mnist5k", "--out", "OUT",
+                                         "--preprocess", "logit", "--noise-boundary", "none"], "logit"),
     ("train-flow-unknown-data", ["train", "flow", "--data", "nosuchdata_xyz", "--out", "OUT"], "nosuchdata_xyz"),
     ("train-flow-resume-nothing", ["train", "flow", "--out", "OUT", "--resume"], "resume"),
     ("train-classifier-arch", ["train", "classifier", "--out", "OUT", "--arch", "vgg"], "vgg"),

@@ -169,6 +169,32 @@ def test_dequantize_noise_stays_in_range():
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0 and float(jnp.std(y)) > 0
 
 
+def test_dequantize_without_boundary_is_the_plain_sum_and_reflect_folds_it():
+    """noise_boundary "none" (the IB-INN authors' pipeline) is x + U(0, 1/256) + sigma N(0, 1) as
+    drawn, recomputed here from the same keys; "reflect" folds that same sum into [0, 1]."""
+    x = jnp.concatenate([jnp.zeros(400), jnp.full(200, 0.5), jnp.ones(400)])
+    key = jax.random.PRNGKey(3)
+    ku, kn = jax.random.split(key)
+    plain = np.asarray(x) + np.asarray(jax.random.uniform(ku, x.shape, maxval=1 / 256)) + 0.01 * np.asarray(jax.random.normal(kn, x.shape))
+    none = np.asarray(fc.dequantize(key, fc.FlowClassifierConfig(noise_boundary="none"), x))
+    np.testing.assert_allclose(none, plain, atol=1e-7)
+    assert (none[:400] < 0).mean() > 0.3 and (none[600:] > 1).mean() > 0.3  # the noise leaves the range at both ends
+    folded = np.where(plain < 0, -plain, np.where(plain > 1, 2 - plain, plain))
+    np.testing.assert_allclose(np.asarray(fc.dequantize(key, fc.FlowClassifierConfig(), x)), folded, atol=1e-7)
+
+
+def test_noise_boundary_is_checked_and_recorded():
+    with pytest.raises(CfjaxError, match="noise_boundary"):
+        fc.FlowClassifierConfig(noise_boundary="clip")
+    with pytest.raises(CfjaxError, match="logit"):
+        fc.FlowClassifierConfig(noise_boundary="none", preprocess="logit")
+    cfg = fc.FlowClassifierConfig(noise_boundary="none")
+    assert fc.FlowClassifierConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["noise_boundary"]  # a model saved before the field: it was trained with reflection
+    assert fc.FlowClassifierConfig.from_dict(old).noise_boundary == "reflect"
+
+
 def test_package_exposes_the_pure_functions():
     import cfjax
 

@@ -197,3 +197,19 @@ def test_eval_subnet_against_numpy(stride):
     h = np.maximum(bn(_np_conv3x3(h, t["conv2"], stride), "norm2"), 0.0)
     ref = np.einsum("bhwc,co->bhwo", h, t["conv3"]["w"][0, 0]) + t["conv3"]["b"]
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_presets_noise_boundary():
+    """The IB-INN presets train with the authors' unfolded noise, the Glow flow (and the logit
+    map, which needs [0, 1]) with reflection; --noise-boundary overrides."""
+    from cfjax.pipelines.train_flow import FlowArchitecture, FlowTraining, flow_config
+
+    def boundary(**kw):
+        arch = FlowArchitecture(**kw)
+        return flow_config(arch, FlowTraining().resolved(arch.arch), (28, 28, 1), 10).noise_boundary
+
+    assert boundary(arch="ibinn-small") == "none" and boundary(arch="ibinn") == "none"
+    assert boundary(arch="glow") == "reflect"
+    assert boundary(arch="ibinn-small", preprocess="logit") == "reflect"
+    assert boundary(arch="ibinn-small", noise_boundary="reflect") == "reflect"
+    assert boundary(arch="glow", noise_boundary="none") == "none"

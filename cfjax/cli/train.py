@@ -65,6 +65,10 @@ def add_flow(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-sigma", type=NON_NEGATIVE_FLOAT, default=a.noise_sigma, help=f"Gaussian input noise during training (default {a.noise_sigma})")
     p.add_argument("--preprocess", choices=("logit", "affine"), default=a.preprocess,
                    help=f"map of [0, 1] pixels into the flow: affine (IB-INN's 2x-1) or logit (RealNVP; measured worse for ECINN here) (default {a.preprocess})")
+    p.add_argument("--noise-boundary", choices=("reflect", "none"), default=None,
+                   help="training noise at the ends of the pixel range: reflect folds it back into [0, 1] (needed by "
+                        "--preprocess logit), none leaves it outside as the IB-INN authors do (default: none for "
+                        "ibinn / ibinn-small with the affine map, reflect otherwise)")
     glow = p.add_argument_group("--arch glow")
     glow.add_argument("--levels", type=POSITIVE_INT, default=a.levels, help=f"downsampling levels (default {a.levels})")
     glow.add_argument("--steps-per-level", type=POSITIVE_INT, default=a.steps_per_level, help=f"flow steps per level (default {a.steps_per_level})")
@@ -91,6 +95,7 @@ def run_flow(args) -> int:
         arch=args.arch, levels=args.levels, steps_per_level=args.steps_per_level, hidden=args.hidden,
         downsample=args.downsample, split_levels=args.split_levels, blocks=args.blocks, dense=not args.no_dense,
         batchnorm=not args.no_batchnorm, mixing=args.mixing, noise_sigma=args.noise_sigma, preprocess=args.preprocess,
+        noise_boundary=args.noise_boundary,
     )
     training = tf.FlowTraining(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,

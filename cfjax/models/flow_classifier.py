@@ -35,6 +35,9 @@ from cfjax.models.latent import LatentConfig
 
 
 PREPROCESS = ("logit", "affine")
+# What the training noise does at the ends of the pixel range: "reflect" folds x + noise back into
+# [0, 1]; "none" leaves it outside (the IB-INN authors' data pipeline; needs the affine map).
+NOISE_BOUNDARIES = ("reflect", "none")
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,16 @@ class FlowClassifierConfig:
     dequantize_bins: int = 256
     preprocess: str = "affine"       # "affine" (IB-INN's 2x - 1) | "logit"
     logit_alpha: float = 0.01
+    noise_boundary: str = "reflect"  # training noise at 0 and 1: "reflect" | "none" (see dequantize)
 
     def __post_init__(self):
         if self.preprocess not in PREPROCESS:
             raise CfjaxError(f"FlowClassifierConfig.preprocess must be one of {PREPROCESS}, got {self.preprocess!r}")
+        if self.noise_boundary not in NOISE_BOUNDARIES:
+            raise CfjaxError(f"FlowClassifierConfig.noise_boundary must be one of {NOISE_BOUNDARIES}, got {self.noise_boundary!r}")
+        if self.noise_boundary == "none" and self.preprocess == "logit":
+            raise CfjaxError("noise_boundary 'none' leaves noisy pixels outside [0, 1], where the logit map is undefined: "
+                             "use preprocess 'affine' or noise_boundary 'reflect'")
         if not 0 < self.logit_alpha < 0.5:
             raise CfjaxError(f"FlowClassifierConfig.logit_alpha must be in (0, 0.5), got {self.logit_alpha}")
 
@@ -72,6 +81,7 @@ class FlowClassifierConfig:
             "dequantize_bins": self.dequantize_bins,
             "preprocess": self.preprocess,
             "logit_alpha": self.logit_alpha,
+            "noise_boundary": self.noise_boundary,
         }
 
     @classmethod
@@ -84,6 +94,7 @@ class FlowClassifierConfig:
                 dequantize_bins=int(d.get("dequantize_bins", 256)),
                 preprocess=str(d.get("preprocess", "affine")),  # configs without the field predate "logit"
                 logit_alpha=float(d.get("logit_alpha", 0.01)),
+                noise_boundary=str(d.get("noise_boundary", "reflect")),  # configs without the field reflected
             )
         except (KeyError, TypeError) as e:
             raise CfjaxError(f"not a flow-classifier config ({type(e).__name__}: {e})") from e
@@ -188,14 +199,20 @@ def predict_proba(params: dict, config: FlowClassifierConfig, x: jax.Array) -> j
 
 
 def dequantize(key: jax.Array, config: FlowClassifierConfig, x: jax.Array) -> jax.Array:
-    """Training-time input noise: x + U(0, 1/bins) + sigma N(0, 1), reflected back into [0, 1].
+    """Training-time input noise: x + U(0, 1/bins) + sigma N(0, 1).
 
-    Reflection (not clipping) keeps the noisy density continuous: clipping would put point
-    masses at 0 and 1 that a flow could exploit for unbounded likelihood.
+    ``config.noise_boundary``: "reflect" folds the result back into [0, 1] (the logit map needs
+    it there; reflection, not clipping, which would put point masses at 0 and 1 that a flow
+    could exploit for unbounded likelihood). "none" leaves it as it is, as the IB-INN authors'
+    data pipeline does: on MNIST, where most pixels are exactly 0 or 1, folding gives the noisy
+    density a hard wall at both ends of the range, which a flow can only fit with very steep maps
+    there (see README, "Which differences mattered").
     """
     ku, kn = jax.random.split(key)
     u = jax.random.uniform(ku, x.shape, minval=0.0, maxval=1.0 / config.dequantize_bins)
     y = x + u + config.noise_sigma * jax.random.normal(kn, x.shape)
+    if config.noise_boundary == "none":
+        return y
     y = jnp.abs(y)
     return 1.0 - jnp.abs(1.0 - y)
 

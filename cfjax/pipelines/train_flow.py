@@ -125,6 +125,7 @@ class FlowArchitecture:
     mixing: str = IBINNConfig.mixing
     noise_sigma: float = fc.FlowClassifierConfig.noise_sigma
     preprocess: str = fc.FlowClassifierConfig.preprocess
+    noise_boundary: str | None = None  # None: the architecture's ("none" for ibinn, as the authors; "reflect" for glow)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -184,7 +185,9 @@ def flow_config(arch: FlowArchitecture, training: FlowTraining, image_shape, num
         n = arch.blocks if arch.blocks is not None else (IBINNConfig.blocks_high if arch.arch == "ibinn" else IBINN_SMALL_BLOCKS)
         flow = IBINNConfig(image_shape=tuple(image_shape), blocks_high=n, blocks_low=n, dense=arch.dense,
                            batchnorm=arch.batchnorm, mixing=arch.mixing)
-    return fc.FlowClassifierConfig(glow=flow, latent=latent, noise_sigma=arch.noise_sigma, preprocess=arch.preprocess)
+    boundary = arch.noise_boundary or ("none" if arch.arch != "glow" and arch.preprocess == "affine" else "reflect")
+    return fc.FlowClassifierConfig(glow=flow, latent=latent, noise_sigma=arch.noise_sigma, preprocess=arch.preprocess,
+                                   noise_boundary=boundary)
 
 
 def _init_batch(images: np.ndarray, n: int = 256, seed: int = 0) -> np.ndarray:
