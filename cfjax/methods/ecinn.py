@@ -214,8 +214,9 @@ def counterfactual_from_latent(
     (shortest) candidate. The rounds stop as soon as every query is predicted as its target, and
     a round runs on the queries left only, gathered into a smaller sub-batch
     (:data:`REFINE_FRACTIONS`), so a batch that needs none costs one network evaluation more than
-    ``refine = 0`` (the check) and a round costs two evaluations of about the queries it moves. With ``refine`` > 0 the result also holds
-    ``probs_cf`` (B, C), the classifier's probabilities for x_cf (from that check: no extra pass).
+    ``refine = 0`` (the check) and a round costs two evaluations of about the queries it moves.
+    With ``refine`` > 0 the result also holds ``probs_cf`` (B, C), the classifier's probabilities
+    for x_cf (from that check: no extra pass).
     """
     x_cf, z_cf, alpha0, alpha = step_and_decode(params, config, z, y_pred, target, step, direction)
     rounds = jnp.zeros(z.shape[:1], jnp.int32)
