@@ -71,6 +71,7 @@ def executed_count(params, config, x, step, refine: int, rounds) -> dict:
     per round that ran, one decode + one encode of each query it moved (the useful work; cfjax
     pads a round to one of :func:`cfjax.methods.ecinn.refine_sizes`, the twin moves exactly those
     queries)."""
+    import jax
     import jax.numpy as jnp
 
     from benchmarks import roofline
@@ -78,11 +79,10 @@ def executed_count(params, config, x, step, refine: int, rounds) -> dict:
 
     xj = jnp.asarray(x)
     base = roofline.jaxpr_flops(cfjax_fn(config, step, DIRECTION, 0), params, xj)
-    import jax
-
-    zs = jax.eval_shape(lambda p, v: fc.encode(p, config, v)[0], params, xj)
+    encode = lambda p, v: fc.encode(p, config, v)[0]  # noqa: E731
+    enc = roofline.jaxpr_flops(encode, params, xj)["flops"]
+    zs = jax.eval_shape(encode, params, xj)
     z = jnp.zeros(zs.shape, zs.dtype)
-    enc = roofline.jaxpr_flops(lambda p, v: fc.encode(p, config, v)[0], params, xj)["flops"]
     dec = roofline.jaxpr_flops(lambda p, v: fc.decode(p, config, v), params, z)["flops"]
     rounds = np.asarray(rounds)
     moved = sum(int((rounds >= k).sum()) for k in range(1, int(refine) + 1))  # query-rounds

@@ -219,10 +219,9 @@ def counterfactual_from_latent(
     for x_cf (from that check: no extra pass).
     """
     x_cf, z_cf, alpha0, alpha = step_and_decode(params, config, z, y_pred, target, step, direction)
-    rounds = jnp.zeros(z.shape[:1], jnp.int32)
     out = {"y_pred": y_pred, "z": z, "z_cf": z_cf, "alpha0": alpha0, "alpha": alpha}
     if not refine:
-        return {**out, "x_cf": x_cf, "refine_rounds": rounds}
+        return {**out, "x_cf": x_cf, "refine_rounds": jnp.zeros(z.shape[:1], jnp.int32)}
     x_cf, logits, rounds = _refine(params, config, x_cf, y_pred, target, SEARCH_RULES[step][0][-1] if is_search_rule(step) else step,
                                    direction, int(refine))
     return {**out, "x_cf": x_cf, "refine_rounds": rounds, "probs_cf": jax.nn.softmax(logits, -1)}
