@@ -63,3 +63,32 @@ def test_reference_sections_render_every_row_with_intervals():
     text = "\n".join(_module().reference_lines({"ecinn_reference": ref, "fakemnist_reference": {"ecinn": fake}}, {"date": "D"}))
     assert "| authors GEN | 99.0% (98.0%–100.0%) | 90.0% (89.0%–91.0%) |" in text and "| 99 | 0.8 | 0.1 | 3 |" in text
     assert "| cfjax ECINN | 97.0%" in text and "99.96% (95% interval 99.90%–99.98%)" in text
+
+
+def test_ecinn_section_marks_the_cli_default_and_renders_judges(tmp_path):
+    mod = _module()
+    from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP
+
+    rows = mod.step_rule_rows()
+    assert rows.count((DEFAULT_STEP, DEFAULT_REFINE)) == 1 and ("paper", 0) in rows
+    base = {"validity": 0.99, "oracle_agreement": 0.5, "latent_crossing": 1.0, "bits_per_dim": 4.0, "nn_distance": 5.0,
+            "pca_error": 2.0, "l1_per_pixel": 0.1, "seconds_per_cf_compiled": 0.003, "oracle_accuracy_query": 0.99,
+            "bits_per_dim_query": 4.4, "nn_distance_query": 4.9, "pca_error_query": 2.9, "judge_rbf": 0.9, "judge_knn": 0.8,
+            "isolated_ink": 1.25}
+    e_rows = [{**base, "step": s, "refine": r, "cli_default": (s, r) == (DEFAULT_STEP, DEFAULT_REFINE),
+               "judge_rbf": 0.9 if (s, r) == (DEFAULT_STEP, DEFAULT_REFINE) else 0.4} for s, r in rows]
+
+    class Args:
+        out, work, quick, flow, classifier, oracle, duq = str(tmp_path), str(tmp_path), False, None, None, None, None
+
+    meta = {"command": "c", "machine": "m", "date": "d", "seconds": 60.0, "quick": False, "flow": "f", "classifier": "c",
+            "oracle": "o", "duq": "q"}
+    md = mod.write_report(mod.Ctx(Args()), {"ecinn": {"n": 300, "rows": e_rows}}, meta).read_text()
+    default_line = next(line for line in md.splitlines() if "**(CLI default)**" in line)
+    assert default_line.startswith(f"| {DEFAULT_STEP} **(CLI default)** | {DEFAULT_REFINE} | 99.0% | 50.0% | 90.0% | 80.0% | 1.25 |")
+    assert md.count("**(CLI default)**") == 1 and "| RBF | k-NN | lone px |" in md
+    assert "read 90.0% / 80.0% of the counterfactuals" in md
+    # an old results.json (no judges, ("short", 2) was the default) still renders
+    old = [{k: v for k, v in r.items() if k not in ("judge_rbf", "judge_knn", "isolated_ink", "cli_default")} for r in e_rows]
+    md = mod.write_report(mod.Ctx(Args()), {"ecinn": {"n": 300, "rows": old}}, meta).read_text()
+    assert "| short **(CLI default)** | 2 |" in md and "lone px" not in md

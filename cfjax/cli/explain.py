@@ -86,7 +86,7 @@ def add_disc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-ink-weight", type=NON_NEGATIVE_FLOAT, default=None, help="weight of the penalty for keeping less than --keep-ink-fraction of the query's ink (default: --style's)")
     p.add_argument("--mc-weight", type=NON_NEGATIVE_FLOAT, default=d.lambda_mc, help=f"weight of the DUQ manifold-consistency term with --manifold duq (default {d.lambda_mc})")
     p.add_argument("--bn-convention", default=d.bn_convention, help=f"BatchNorm statistics per image or per batch (default {d.bn_convention})")
-    p.add_argument("--jitter", type=NON_NEGATIVE_INT, default=d.jitter, help=f"translate the image the models see by up to this many pixels, drawn afresh each optimisation step (DeepInversion's jitter; default {d.jitter} = off)")
+    p.add_argument("--jitter", type=NON_NEGATIVE_INT, default=d.jitter, help=f"translate the image the models see by up to this many pixels, drawn afresh each optimisation step (DeepInversion's jitter; default {d.jitter}, 0 = off; 0 for a model that may read exact pixel positions, README)")
     p.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=d.progressive,
                    help=f"raise the target probability through {', '.join(map(str, d.stages))} with warm starts (default {'on' if d.progressive else 'off'})")
     add_shards(p, DEFAULT_SHARD_SIZE)

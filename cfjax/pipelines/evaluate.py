@@ -22,7 +22,6 @@ holds one shard plus the reference data, not the whole run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +32,7 @@ import numpy as np
 from cfjax import metrics as M
 from cfjax.errors import CfjaxError
 from cfjax.model_dirs import LoadedModel
-from cfjax.pipelines.explain_common import check_writable, load_cf_npz
+from cfjax.pipelines.explain_common import check_writable, load_cf_npz, save_npz_atomic
 from cfjax.validation import non_negative_int, positive_int
 
 CONVENTIONS = {
@@ -490,10 +489,8 @@ def _fitted_judge(kind: str, data_name: str, data_dir) -> dict:
     judge = judges.fit(kind, train.images, train.labels, train.num_classes)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **judge)
-        os.replace(tmp, cache)
-    except OSError:
+        save_npz_atomic(cache, **judge)  # a unique temporary name: concurrent runs may fill the cache together
+    except (OSError, CfjaxError):
         pass  # caching is an optimisation only
     return judge
 
