@@ -24,17 +24,19 @@ from cfjax.validation import validate_images
 class Explainer:
     """ECINN counterfactual explainer around a trained flow classifier."""
 
-    def __init__(self, params: dict, config, info: dict | None = None, step=None, direction: str = "predicted_means", refine: int | None = None):
+    def __init__(self, params: dict, config, info: dict | None = None, step=None, direction: str = "predicted_means", refine: int | None = None,
+                 residual: float = 1.0):
         """``step`` / ``refine`` default to the CLI's (``adaptive`` with 2 refinement rounds);
-        ``step="paper", refine=0`` is the paper's exact two-pass method."""
-        from cfjax.methods.ecinn import check_options, parse_step
+        ``step="paper", refine=0`` is the paper's exact two-pass method. ``residual`` < 1 keeps
+        less of the query's style (see :func:`cfjax.methods.ecinn.latent_step`)."""
+        from cfjax.methods.ecinn import check_options, check_residual, parse_step
         from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP
 
         step = parse_step(DEFAULT_STEP if step is None else step)
         refine = DEFAULT_REFINE if refine is None else int(refine)
-        check_options(step, direction)
+        check_options(step, direction, residual)
         self.params, self.config, self.info = params, config, info or {}
-        self.step, self.direction, self.refine = step, direction, refine
+        self.step, self.direction, self.refine, self.residual = step, direction, refine, check_residual(residual)
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs) -> "Explainer":
@@ -73,15 +75,17 @@ class Explainer:
         """
         from cfjax.pipelines.explain_ecinn import explain_arrays
 
-        return explain_arrays(self.params, self.config, x, target, self.step, self.direction, batch_size, refine=self.refine)
+        return explain_arrays(self.params, self.config, x, target, self.step, self.direction, batch_size, refine=self.refine,
+                              residual=self.residual)
 
     def explain_all_classes(self, x) -> np.ndarray:
         """Counterfactuals of each image to every class: (N, H, W, C) -> (N, num_classes, H, W, C)."""
         from cfjax.methods.ecinn import counterfactuals_all_classes
 
         x = validate_images(x, self.config.image_shape)
-        fn = jax.jit(counterfactuals_all_classes, static_argnames=("config", "step", "direction"))
-        return np.asarray(fn(self.params, self.config, jnp.asarray(x), step=self.step, direction=self.direction)["x_cf"])
+        fn = jax.jit(counterfactuals_all_classes, static_argnames=("config", "step", "direction", "residual"))
+        return np.asarray(fn(self.params, self.config, jnp.asarray(x), step=self.step, direction=self.direction,
+                             residual=self.residual)["x_cf"])
 
 
 class DISCExplainer:

@@ -85,7 +85,13 @@ def judge_row(js: dict, images: np.ndarray, target: np.ndarray, valid: np.ndarra
         hit = judges.predict(j, images) == target
         row[f"judge_{kind}"] = rate(hit)
         agree.append(hit)
-    row["judges_all_agree"] = rate(np.all(agree, axis=0))
+    both = np.all(agree, axis=0)
+    row["judges_all_agree"] = rate(both)
+    # per target class: where a flow fails shows up here first (a class whose decodes turn to grids)
+    lone = np.asarray(M.isolated_ink(images, reduce=False))
+    row["by_target"] = {int(t): {"n": int(np.sum(target == t)), "judges_all_agree": round(float(np.mean(both[target == t])), 4),
+                                 "isolated_ink": round(float(np.mean(lone[target == t])), 3)}
+                        for t in np.unique(target)}
     # stroke texture (cfjax.metrics): real digits ~0.36 grey share, ~1.4 Laplacian energy, ~0.07 lone pixels
     row["texture"] = {name: round(float(v), 4) for name, v in M.stroke_texture(images).items()}
     return row
@@ -127,6 +133,7 @@ def main(argv=None) -> dict:
     p.add_argument("--direction", default="predicted_means")
     p.add_argument("--judge-cache", default=str(Path.home() / ".cache/cfjax/judges_mnist9k.npz"))
     p.add_argument("--fakemnist-model", default=None, help="a flow cfjax trained on fakemnist5k: adds the marker test on the authors' FakeMNIST test images")
+    p.add_argument("--residual", type=float, default=1.0, help="share of the query's offset from its class mean kept (default 1, the paper)")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None, help="picture: query | authors' GEN | cfjax, 20 held-out queries")
     args = p.parse_args(argv)
@@ -148,7 +155,7 @@ def main(argv=None) -> dict:
         rows[f"authors {m}"] = judge_row(js, cfs, qm[ok], d["cf_pred"][HELD_OUT][ok] == qm[ok])
         rows[f"authors {m}"]["study"] = study.study_table(xq[ok], cfs, d["orig_pred"][HELD_OUT][ok],
                                                           d["cf_pred"][HELD_OUT][ok], aes, js["knn"])
-    ex = Explainer.load(args.model, step=args.step, refine=args.refine, direction=args.direction)
+    ex = Explainer.load(args.model, step=args.step, refine=args.refine, direction=args.direction, residual=args.residual)
     out = ex.explain(xq, target=q)
     x_cf = np.clip(out["x_cf"], 0.0, 1.0)
     x_cf = np.round(x_cf * 255.0) / 255.0  # quantised like the authors' files
@@ -166,7 +173,7 @@ def main(argv=None) -> dict:
     x5 = np.clip(o5["x_cf"], 0.0, 1.0)
     rows["cfjax ECINN, mnist5k test 300, next"] = judge_row(js, x5, o5["y_target"], (ex.predict(x5) == o5["y_target"]))
     fake = fakemnist_rows(ref, args) if args.fakemnist_model else None
-    result = {"model": str(args.model), "step": args.step, "refine": args.refine, "direction": args.direction,
+    result = {"model": str(args.model), "step": args.step, "refine": args.refine, "direction": args.direction, "residual": args.residual,
               "queries": "MNIST test 5000-9999, authors' targets", "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     if fake is not None:
         result["fakemnist_reference"] = fake
@@ -177,6 +184,7 @@ def main(argv=None) -> dict:
             cells += "  " + "  ".join(f"{k} {v.get('mean', v.get('value')):.3f}" for k, v in row["study"].items())
         cells += "  " + "  ".join(f"{k} {v:.3f}" for k, v in row["texture"].items())
         print(f"{name:40s} {cells}")
+        print(f"{'  both judges by target':40s} " + "  ".join(f"{t}: {v['judges_all_agree']:.2f}" for t, v in row["by_target"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.png:

@@ -217,6 +217,8 @@ CLI_CASES = [
     ("batch-size-0", ["explain", "ecinn", "--out", "OUT", "--batch-size", "0"], "--batch-size"),
     ("unknown-step", ["explain", "ecinn", "--out", "OUT", "--step", "giant"], "step rule"),
     ("refine-negative", ["explain", "ecinn", "--out", "OUT", "--refine", "-1"], "--refine"),
+    ("residual-above-1", ["explain", "ecinn", "--out", "OUT", "--residual", "1.5"], "--residual must be a number in [0, 1]"),
+    ("residual-word", ["explain", "ecinn", "--out", "OUT", "--residual", "half"], "--residual must be a number in [0, 1]"),
     # output paths
     ("out-dir-missing", ["explain", "ecinn", "--out", "@a_dir/missing/cf.npz"], "does not exist"),
     # an existing directory means sharded output (explain_common): a foreign, non-empty one is refused

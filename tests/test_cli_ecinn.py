@@ -110,6 +110,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, corrupt_model, foreign_mo
         (["--model", str(corrupt_model)], "corrupt or partial"),
         (["--model", str(foreign_model)], "architecture"),
         (["--step", "sideways"], "step rule"),
+        (["--residual", "-0.5"], "--residual must be a number in [0, 1]"),
         (["--split", "validation"], "unknown split"),
         (["--data", "cifar10", "--data-dir", str(tmp_path)], "not prepared"),
     ]
@@ -136,3 +137,18 @@ def test_fakemnist_images_on_mnist_model_are_rejected_by_shape(tmp_path):
         ex.explain(np.zeros((2, 28, 28, 1), np.float32), target=12)
     out = ex.explain(np.zeros((2, 28, 28, 1), np.float32) + 0.1, target=[1, 2])
     assert out["x_cf"].shape == (2, 28, 28, 1) and list(out["y_target"]) == [1, 2]
+
+
+def test_demo_summary_names_the_hardest_pair_or_says_there_is_none(tmp_path, capsys):
+    from cfjax.pipelines.demo import _print_summary
+
+    summary = {"data": "mnist5k", "test_accuracy": 0.9, "test_bits_per_dim": None, "counterfactuals": 6, "validity": 1.0,
+               "ms_per_counterfactual": 1.0, "compile_seconds": 1.0, "mean_l1_per_pixel": 0.1, "residual": 0.5}
+    counts = np.ones((3, 3)) - np.eye(3)  # the diagonal is never asked for
+    _print_summary(summary, 10, 2, counts.copy(), counts, tmp_path)
+    text = capsys.readouterr().out
+    assert "none: every pair 100% valid" in text and "0 -> 0" not in text and "residual 0.5" in text
+    matrix = counts.copy()
+    matrix[2, 1] = 0.0
+    _print_summary(dict(summary, validity=5 / 6), 10, 2, matrix, counts, tmp_path)
+    assert "2 -> 1: 0% valid" in capsys.readouterr().out

@@ -56,6 +56,60 @@ def test_latent_step_geometry_against_numpy():
         np.testing.assert_allclose(np.asarray(ar[:5]), f(np.asarray(a0r[:5])), rtol=1e-5)
 
 
+@pytest.mark.parametrize("direction", ["predicted_means", "mu"])
+def test_residual_pulls_the_query_towards_its_class_mean_then_steps(direction):
+    """residual r: z_s = m_p + r (z - m_p), then the usual move from z_s (alpha0 measured there);
+    r = 1 is the paper's move exactly, r = 0 starts from the class mean itself."""
+    rng = np.random.default_rng(4)
+    mu = rng.normal(size=(3, 5)) * 3
+    means = mu + rng.normal(size=(3, 5)) * 0.5
+    z = rng.normal(size=(5, 5)) + means[[0, 1, 2, 0, 1]]
+    src, tgt = np.array([0, 1, 2, 0, 1]), np.array([1, 2, 0, 2, 1])  # last: source == target
+    lp = {"mu": jnp.asarray(mu, jnp.float32), "logit_prior": jnp.zeros(3)}
+    m = means if direction == "predicted_means" else mu
+    args = (lp, jnp.asarray(means, jnp.float32), jnp.asarray(z, jnp.float32), jnp.asarray(src), jnp.asarray(tgt), "code", direction)
+    plain = ecinn.latent_step(*args)
+    np.testing.assert_array_equal(np.asarray(ecinn.latent_step(*args, residual=1.0)[0]), np.asarray(plain[0]))
+    for r in (0.0, 0.5):
+        z_cf, a0, a = ecinn.latent_step(*args, residual=r)
+        for i in range(4):
+            p_, q = src[i], tgt[i]
+            zs = m[p_] + r * (z[i] - m[p_])
+            w = (mu[q] - mu[p_]) / np.linalg.norm(mu[q] - mu[p_])
+            b = -0.5 * (mu[p_] + mu[q]) @ w
+            d = m[q] - m[p_]
+            want_a0 = (-b - w @ zs) / (w @ d)
+            np.testing.assert_allclose(float(a0[i]), want_a0, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(z_cf[i]), zs + (0.8 + 0.5 * want_a0) * d, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(z_cf[4]), z[4], atol=1e-6)  # source == target: nothing moves
+    for bad in (-0.1, 1.5, float("nan"), "x", True):
+        with pytest.raises(CfjaxError, match="residual must be a number in"):
+            ecinn.latent_step(*args, residual=bad)
+
+
+def test_residual_reaches_the_explainer_and_the_all_classes_call(params):
+    """residual flows through counterfactual -> counterfactual_from_latent (first move only),
+    counterfactuals_all_classes and the Explainer (the CLI's pipeline): each equals decoding the
+    pulled-in move directly."""
+    x = jax.random.uniform(jax.random.PRNGKey(7), (6, 8, 8, 1))
+    z, _ = fc.encode(params, CFG, x)
+    y = jnp.argmax(latent_lib.class_logits(params["latent"], z, False), -1)
+    t = (y + 1) % 4
+    z_cf, _, _ = ecinn.latent_step(params["latent"], params["class_means"], z, y, t, "code", residual=0.3)
+    want = np.clip(np.asarray(fc.decode(params, CFG, z_cf)), 0, 1)
+    out = ecinn.counterfactual(params, CFG, x, t, step="code", residual=0.3)
+    np.testing.assert_allclose(np.asarray(out["x_cf"]), want, atol=1e-5)
+    allc = ecinn.counterfactuals_all_classes(params, CFG, x, step="code", residual=0.3)["x_cf"]
+    np.testing.assert_allclose(np.asarray(allc)[np.arange(6), np.asarray(t)], want, atol=1e-4)
+    assert not np.allclose(np.asarray(ecinn.counterfactual(params, CFG, x, t, step="code")["x_cf"]), want, atol=1e-3)
+    from cfjax import Explainer
+
+    ex = Explainer(params, CFG, step="code", refine=0, residual=0.3)
+    np.testing.assert_allclose(ex.explain(np.asarray(x), target=np.asarray(t))["x_cf"], want, atol=1e-5)
+    with pytest.raises(CfjaxError, match="residual"):
+        Explainer(params, CFG, residual=-1)
+
+
 def test_paper_step_crosses_the_boundary_in_latent_space(params):
     x = jax.random.uniform(jax.random.PRNGKey(5), (32, 8, 8, 1))
     z, _ = fc.encode(params, CFG, x)

@@ -58,6 +58,16 @@ def checked(check, name: str):
     return parse
 
 
+def _check_residual(text: str) -> None:
+    from cfjax.methods.ecinn import check_residual
+
+    check_residual(text)
+
+
+# ECINN's --residual (explain, demo): a number in [0, 1], kept as text; the pipelines convert it
+RESIDUAL = checked(_check_residual, "residual")
+
+
 def default(cls, name: str):
     """The default of field ``name`` of the dataclass ``cls``: the one home of that default."""
     for f in dataclasses.fields(cls):

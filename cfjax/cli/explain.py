@@ -19,6 +19,7 @@ from cfjax.cli.common import (
     NON_NEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    RESIDUAL,
     add_explain,
     add_shards,
     checked,
@@ -39,7 +40,7 @@ def _check_step(text: str) -> None:
 
 def add_ecinn(p: argparse.ArgumentParser) -> None:
     from cfjax.methods.ecinn import DIRECTIONS, STEP_NAMES
-    from cfjax.pipelines.explain_ecinn import DEFAULT_DIRECTION, DEFAULT_REFINE, DEFAULT_STEP
+    from cfjax.pipelines.explain_ecinn import DEFAULT_DIRECTION, DEFAULT_REFINE, DEFAULT_RESIDUAL, DEFAULT_STEP
 
     add_explain(p)
     p.add_argument("--step", type=checked(_check_step, "step"), default=DEFAULT_STEP,
@@ -48,6 +49,9 @@ def add_ecinn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=NON_NEGATIVE_INT, default=DEFAULT_REFINE, help=f"validity refinement rounds for counterfactuals that clipping to [0, 1] turned back (default {DEFAULT_REFINE}; 0 with --step paper is the paper's exact two-pass method)")
     p.add_argument("--direction", default=DEFAULT_DIRECTION, choices=DIRECTIONS,
                    help=f"translation direction: predicted_means (m_q - m_p, mean latents of the training images predicted as each class; the paper) or mu (learned means) (default {DEFAULT_DIRECTION})")
+    p.add_argument("--residual", type=RESIDUAL, default=DEFAULT_RESIDUAL,
+                   help="share in [0, 1] of the query's latent offset from its class mean (its style) that the counterfactual keeps; "
+                        f"smaller: nearer the target class's typical digit, further from the query (default {DEFAULT_RESIDUAL:g}, the paper)")
     add_shards(p, 1024)
 
 
@@ -56,7 +60,7 @@ def run_ecinn(args) -> int:
 
     return explain_ecinn.explain(queries_from(args), output_from(args), step=args.step, refine=args.refine,
                                  direction=args.direction, batch_size=args.batch_size, devices=args.devices,
-                                 seed=args.seed, quiet=args.quiet)
+                                 seed=args.seed, quiet=args.quiet, residual=args.residual)
 
 
 def add_disc(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,11 @@ For a query x with predicted class p and target q:
     alpha    = step(alpha0)                                 see STEP_RULES
     x'       = f^-1(z + alpha D_pq)                          (one inverse pass)
 
+``residual`` r < 1 (not in the paper; default 1) first pulls the query's latent towards its class
+mean, z <- m_p + r (z - m_p), keeping the fraction r of the query's offset ("style") from its
+class: smaller r gives counterfactuals nearer the target class's typical digit and further from
+the query (README, "Which differences mattered").
+
 A search rule (:data:`SEARCH_RULES`, e.g. ``"adaptive"``) decodes a few candidate steps in one
 batched inverse call and keeps, per query, the farthest whose decode stays in the pixel range.
 
@@ -111,10 +116,22 @@ def check_direction(direction: str) -> str:
     return direction
 
 
-def check_options(step, direction: str) -> None:
-    """Fail on an unknown step rule or direction before any network is evaluated."""
+def check_residual(residual) -> float:
+    """``residual`` as a float in [0, 1]; CfjaxError for anything else."""
+    try:
+        r = float(residual)
+    except (TypeError, ValueError):
+        r = math.nan
+    if isinstance(residual, bool) or not 0.0 <= r <= 1.0:
+        raise CfjaxError(f"residual must be a number in [0, 1] (the share of the query's offset from its class mean kept), got {residual!r}")
+    return r
+
+
+def check_options(step, direction: str, residual=1.0) -> None:
+    """Fail on an unknown step rule, direction or residual before any network is evaluated."""
     parse_step(step)
     check_direction(direction)
+    check_residual(residual)
 
 
 def out_of_range(x_raw: jax.Array) -> jax.Array:
@@ -123,17 +140,17 @@ def out_of_range(x_raw: jax.Array) -> jax.Array:
 
 
 def step_and_decode(params: dict, config: FlowClassifierConfig, z: jax.Array, source: jax.Array, target: jax.Array,
-                    step="paper", direction: str = "predicted_means") -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                    step="paper", direction: str = "predicted_means", residual: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """:func:`latent_step` then the inverse pass, for a plain rule or a search rule.
 
     z (B, D), source/target (B,) -> (x_cf (B, H, W, C) clipped to [0, 1], z_cf (B, D), alpha0 (B,),
     alpha (B,)). A search rule decodes its K candidates in one batched call (K inverse passes).
     """
     if not is_search_rule(step):
-        z_cf, alpha0, alpha = latent_step(params["latent"], params["class_means"], z, source, target, step, direction)
+        z_cf, alpha0, alpha = latent_step(params["latent"], params["class_means"], z, source, target, step, direction, residual)
         return jnp.clip(decode(params, config, z_cf), 0.0, 1.0), z_cf, alpha0, alpha
     rules, tolerance = SEARCH_RULES[step]
-    steps = [latent_step(params["latent"], params["class_means"], z, source, target, r, direction) for r in rules]
+    steps = [latent_step(params["latent"], params["class_means"], z, source, target, r, direction, residual) for r in rules]
     bsz, k = z.shape[0], len(rules)
     z_all = jnp.concatenate([s[0] for s in steps])                       # (K B, D), candidate-major
     x_raw = decode(params, config, z_all)
@@ -152,11 +169,14 @@ def latent_step(
     target: jax.Array,
     step="paper",
     direction: str = "predicted_means",
+    residual: float = 1.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Move latents from class ``source`` towards ``target``.
 
-    z (B, D); source, target (B,) int; class_means (C, D).
-    Returns (z_cf (B, D), alpha0 (B,), alpha (B,)). Where source == target nothing moves.
+    z (B, D); source, target (B,) int; class_means (C, D); ``residual`` (static float in [0, 1]):
+    the share of z's offset from the source's mean (of ``direction``) kept before the step
+    (1 = the paper). Returns (z_cf (B, D), alpha0 (B,), alpha (B,)); alpha0 is measured from the
+    pulled-in latent. Where source == target nothing moves.
     """
     check_direction(direction)
     mu = jnp.asarray(latent_params["mu"])  # parameters loaded as NumPy arrays cannot be indexed by traced classes
@@ -164,6 +184,9 @@ def latent_step(
     d = means[target] - means[source]                        # (B, D)
     dmu = mu[target] - mu[source]                            # (B, D)
     same = source == target
+    residual = check_residual(residual)
+    if residual != 1.0:
+        z = jnp.where(same[:, None], z, means[source] + residual * (z - means[source]))
     norm = jnp.linalg.norm(dmu, axis=-1)
     w = dmu / jnp.where(same, 1.0, norm)[:, None]
     b = -0.5 * jnp.sum((mu[source] + mu[target]) * w, -1)
@@ -204,6 +227,7 @@ def counterfactual_from_latent(
     step="paper",
     direction: str = "predicted_means",
     refine: int = 0,
+    residual: float = 1.0,
 ) -> dict:
     """The ECINN move and decode for already-encoded queries z (B, D) predicted as y_pred (B,).
 
@@ -215,10 +239,12 @@ def counterfactual_from_latent(
     a round runs on the queries left only, gathered into a smaller sub-batch
     (:data:`REFINE_FRACTIONS`), so a batch that needs none costs one network evaluation more than
     ``refine = 0`` (the check) and a round costs two evaluations of about the queries it moves.
+    ``residual`` (see :func:`latent_step`) applies to the first move; rounds step from where the
+    counterfactual is, without pulling it in again.
     With ``refine`` > 0 the result also holds ``probs_cf`` (B, C), the classifier's probabilities
     for x_cf (from that check: no extra pass).
     """
-    x_cf, z_cf, alpha0, alpha = step_and_decode(params, config, z, y_pred, target, step, direction)
+    x_cf, z_cf, alpha0, alpha = step_and_decode(params, config, z, y_pred, target, step, direction, residual)
     out = {"y_pred": y_pred, "z": z, "z_cf": z_cf, "alpha0": alpha0, "alpha": alpha}
     if not refine:
         return {**out, "x_cf": x_cf, "refine_rounds": jnp.zeros(z.shape[:1], jnp.int32)}
@@ -291,6 +317,7 @@ def counterfactual(
     step="paper",
     direction: str = "predicted_means",
     refine: int = 0,
+    residual: float = 1.0,
 ) -> dict:
     """ECINN counterfactuals: x (B, H, W, C) in [0, 1], target (B,) int -> dict of arrays.
 
@@ -298,21 +325,22 @@ def counterfactual(
     z, z_cf (B, D); alpha0, alpha (B,); refine_rounds (B,). With the defaults (the paper's step,
     no refinement) this is two network evaluations in all.
     """
-    check_options(step, direction)
+    check_options(step, direction, residual)
     z, _ = encode(params, config, x)
     y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
-    return counterfactual_from_latent(params, config, z, y_pred, target, step, direction, refine)
+    return counterfactual_from_latent(params, config, z, y_pred, target, step, direction, refine, residual)
 
 
 def counterfactuals_all_classes(
-    params: dict, config: FlowClassifierConfig, x: jax.Array, step="paper", direction: str = "predicted_means"
+    params: dict, config: FlowClassifierConfig, x: jax.Array, step="paper", direction: str = "predicted_means",
+    residual: float = 1.0,
 ) -> dict:
     """Counterfactuals of every query to every class: one forward and ONE batched inverse call.
 
     x (B, H, W, C) -> x_cf (B, C, H, W, C_img) (the predicted class's slot holds x itself,
     reconstructed), y_pred (B,), alpha (B, C).
     """
-    check_options(step, direction)
+    check_options(step, direction, residual)
     n_cls = config.num_classes
     z, _ = encode(params, config, x)
     y_pred = jnp.argmax(latent_lib.class_logits(params["latent"], z, config.latent.use_prior_at_test), -1)
@@ -320,7 +348,7 @@ def counterfactuals_all_classes(
     zz = jnp.repeat(z, n_cls, axis=0)
     src = jnp.repeat(y_pred, n_cls)
     tgt = jnp.tile(jnp.arange(n_cls), bsz)
-    x_cf, _, _, alpha = step_and_decode(params, config, zz, src, tgt, step, direction)
+    x_cf, _, _, alpha = step_and_decode(params, config, zz, src, tgt, step, direction, residual)
     return {
         "x_cf": x_cf.reshape(bsz, n_cls, *x.shape[1:]),
         "y_pred": y_pred,

@@ -55,16 +55,19 @@ def _pairs_figure(x_rows, x_all, y_pred, probs, path, title):
     save_figure(fig, path)
 
 
-def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=None, per_class: int = PER_CLASS) -> dict:
+def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=None, per_class: int = PER_CLASS,
+             residual: float = 1.0) -> dict:
     """The tour: accuracy, a validity matrix of ``per_class`` test queries per class explained
     towards every other class, pictures and a summary, written into the directory ``out``.
-    Returns the summary."""
+    ``residual``: see :func:`cfjax.methods.ecinn.latent_step`. Returns the summary."""
     from cfjax import model_dirs
+    from cfjax.methods.ecinn import check_residual
     from cfjax.models import flow_classifier as fc
     from cfjax.pipelines.explain_ecinn import explain_arrays
     from cfjax.pretrained import default_model_dir
 
     positive_int(per_class, "per_class")
+    residual = check_residual(residual)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CfjaxError(f"--out {out} exists and is not a directory")
@@ -89,10 +92,10 @@ def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=No
     targets = np.tile(np.arange(c, dtype=np.int32), n)
     print(f"demo: compiling ECINN (once), then {len(xs)} counterfactuals", flush=True)
     t0 = time.perf_counter()
-    explain_arrays(params, config, xs[: min(len(xs), 256)], targets[: min(len(xs), 256)], batch_size=256)  # compile
+    explain_arrays(params, config, xs[: min(len(xs), 256)], targets[: min(len(xs), 256)], batch_size=256, residual=residual)  # compile
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = explain_arrays(params, config, xs, targets, batch_size=256)
+    res = explain_arrays(params, config, xs, targets, batch_size=256, residual=residual)
     seconds = time.perf_counter() - t0
     moved = res["y_pred"] != targets
     valid = res["y_cf_pred"] == targets
@@ -106,11 +109,12 @@ def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=No
         seconds=np.float32(seconds * moved.mean()), **{k: v[moved] for k, v in res.items()},
     )
 
-    _pictures(out, params, config, test, y_hat, probs_fn, data)
+    _pictures(out, params, config, test, y_hat, probs_fn, data, residual)
 
     summary = {
         "model": str(model_dir),
         "data": data,
+        "residual": residual,
         "test_accuracy": accuracy,
         "test_bits_per_dim": info.get("metrics", {}).get("test_bits_per_dim"),
         "counterfactuals": int(moved.sum()),
@@ -125,7 +129,7 @@ def run_demo(*, out="cfjax-demo", data: str = "mnist5k", data_dir=None, model=No
     return summary
 
 
-def _pictures(out: Path, params, config, test, y_hat, probs_fn, data: str) -> None:
+def _pictures(out: Path, params, config, test, y_hat, probs_fn, data: str, residual: float = 1.0) -> None:
     """pairs.png (every class pair from one query per class) and grid.png (16 queries, target =
     next class)."""
     from cfjax.pipelines.explain_ecinn import explain_arrays
@@ -137,13 +141,13 @@ def _pictures(out: Path, params, config, test, y_hat, probs_fn, data: str) -> No
     first = np.array([np.flatnonzero((test.labels == k) & (y_hat == k))[0] if np.any((test.labels == k) & (y_hat == k))
                       else np.flatnonzero(test.labels == k)[0] for k in range(c)])
     print("demo: drawing pairs.png and grid.png", flush=True)
-    pairs = explain_arrays(params, config, np.repeat(test.images[first], c, 0), np.tile(np.arange(c, dtype=np.int32), c))
+    pairs = explain_arrays(params, config, np.repeat(test.images[first], c, 0), np.tile(np.arange(c, dtype=np.int32), c), residual=residual)
     x_all = pairs["x_cf"].reshape(c, c, *config.image_shape)
     probs_all = np.asarray(probs_fn(jnp.asarray(pairs["x_cf"]))).reshape(c, c, c)
     _pairs_figure(test.images[first], x_all, pairs["y_pred"][::c], probs_all, out / "pairs.png",
-                  f"ECINN on {data}: one test digit per class (rows) turned into every class (columns); "
-                  f"number = p(column class), red = not valid")
-    g = explain_arrays(params, config, test.images[:16], "next")
+                  f"ECINN on {data}{'' if residual == 1.0 else f' (residual {residual:g})'}: one test digit per class (rows) "
+                  f"turned into every class (columns); number = p(column class), red = not valid")
+    g = explain_arrays(params, config, test.images[:16], "next", residual=residual)
     save_counterfactual_grid(out / "grid.png", test.images[:16], g["x_cf"], g["y_pred"], g["y_target"], g["y_cf_pred"],
                              heatmap=g["heatmap"], p_pred=g["p_pred"], p_cf=g["p_cf"], title="ECINN: target = next class")
 
@@ -158,13 +162,14 @@ def _print_summary(summary: dict, n_test: int, n: int, matrix: np.ndarray, count
     tab.add_row("model test accuracy", f"{summary['test_accuracy']:.2%} on {n_test} test images")
     if summary["test_bits_per_dim"] is not None:
         tab.add_row("model bits/dim", f"{summary['test_bits_per_dim']:.3f}")
-    tab.add_row("counterfactuals", f"{summary['counterfactuals']} ({n} queries x every other class)")
+    tab.add_row("counterfactuals", f"{summary['counterfactuals']} ({n} queries x every other class)"
+                + ("" if summary.get("residual", 1.0) == 1.0 else f", residual {summary['residual']:g}"))
     tab.add_row("validity (model predicts the target)", f"{summary['validity']:.2%}")
     tab.add_row("time per counterfactual (CPU)", f"{summary['ms_per_counterfactual']:.2f} ms (+ {summary['compile_seconds']:.1f}s compile once)")
     tab.add_row("mean |x_cf - x| per pixel", f"{summary['mean_l1_per_pixel']:.4f}")
-    worst = np.where(counts > 0, matrix / np.maximum(counts, 1), 1.0)
+    worst = np.where(counts > 0, matrix / np.maximum(counts, 1), np.inf)  # pairs never asked for are not candidates
     i, j = np.unravel_index(np.argmin(worst), worst.shape)
-    tab.add_row("hardest pair", f"{i} -> {j}: {worst[i, j]:.0%} valid")
+    tab.add_row("hardest pair", f"{i} -> {j}: {worst[i, j]:.0%} valid" if worst[i, j] < 1 else "none: every pair 100% valid")
     tab.add_row("pictures", f"{out / 'pairs.png'}  {out / 'grid.png'}")
     tab.add_row("data", f"{out / 'demo.npz'}  (try: cfjax evaluate {out / 'demo.npz'})")
     con.print(tab)
