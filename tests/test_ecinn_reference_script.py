@@ -1,24 +1,11 @@
 """examples/ecinn_reference.py: the judge row's per-target breakdown against a direct count."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from cfjax.data import load_dataset
 from cfjax.models import judges
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("ecinn_reference", ROOT / "examples" / "ecinn_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_judge_row_by_target_counts_agreement_and_lone_pixels_per_class():
+def test_judge_row_by_target_counts_agreement_and_lone_pixels_per_class(load_example):
     train = load_dataset("mnist5k", "train").take(600)
     js = {kind: judges.fit(kind, train.images, train.labels, 10) for kind in judges.KINDS}
     test = load_dataset("mnist5k", "test").take(40)
@@ -28,7 +15,7 @@ def test_judge_row_by_target_counts_agreement_and_lone_pixels_per_class():
     x[0, 10, 10] = 1.0  # one lone pixel, far from anything else
     x[1] = 0.0
     x[1, 5, 5] = x[1, 20, 20] = x[1, 5, 20] = 1.0  # three
-    row = _module().judge_row(js, x, target, None)
+    row = load_example("ecinn_reference").judge_row(js, x, target, None)
     both = np.all([judges.predict(js[k], x) == target for k in judges.KINDS], axis=0)
     lone = np.zeros(40)
     lone[0], lone[1] = 1, 3

@@ -2,7 +2,6 @@
 with ECINN, through the public API only."""
 
 import ast
-import importlib.util
 from pathlib import Path
 
 import cfjax
@@ -19,10 +18,7 @@ def test_example_uses_only_public_names():
     assert not imported, imported
 
 
-def test_own_classifier_with_disc_and_own_flow_with_ecinn():
-    spec = importlib.util.spec_from_file_location("own_models", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.main(["--steps", "150", "--flow-steps", "150", "--disc-steps", "120", "--queries", "8"])
+def test_own_classifier_with_disc_and_own_flow_with_ecinn(load_example):
+    out = load_example("own_models").main(["--steps", "150", "--flow-steps", "150", "--disc-steps", "120", "--queries", "8"])
     assert out["disc"]["accuracy"] > 0.9 and out["ecinn"]["accuracy"] > 0.85
     assert out["disc"]["validity"] >= 0.75 and out["ecinn"]["validity"] >= 0.75

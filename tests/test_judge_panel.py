@@ -3,23 +3,17 @@ end-to-end run (the ECINN authors' files are not part of the project, so a stand
 from mnist5k: real digits as "real", the digits themselves as a perfect "GEN", the digits with
 a wrong target as "GB")."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cfjax.data import load_dataset
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "judge_panel.py"
 
 
 @pytest.fixture(scope="module")
-def panel_mod():
-    spec = importlib.util.spec_from_file_location("judge_panel", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def panel_mod(load_example):
+    return load_example("judge_panel")
 
 
 def _rate(r):

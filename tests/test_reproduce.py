@@ -1,48 +1,36 @@
 """examples/reproduce.py: clear failures fast; the --quick smoke run is marked slow."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_unknown_section_is_one_line_exit_2(tmp_path, capsys):
-    code = _module().main(["--out", str(tmp_path / "docs"), "--sections", "ecinn,bogus"])
+def test_unknown_section_is_one_line_exit_2(tmp_path, capsys, load_example):
+    code = load_example("reproduce").main(["--out", str(tmp_path / "docs"), "--sections", "ecinn,bogus"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "bogus" in err[0]
     assert not (tmp_path / "docs").exists()
 
 
-def test_missing_tfds_dataset_fails_clearly_when_strict(tmp_path, capsys):
+def test_missing_tfds_dataset_fails_clearly_when_strict(tmp_path, capsys, load_example):
     empty = tmp_path / "tfds"
     empty.mkdir()
     args = ["--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work"), "--sections", "extra",
             "--extra-datasets", "fashion_mnist", "--data-dir", str(empty)]
-    code = _module().main(args + ["--strict"])
+    code = load_example("reproduce").main(args + ["--strict"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("reproduce: error: fashion_mnist") and str(empty) in err[0]
     assert not (tmp_path / "docs" / "results.md").exists()
     # without --strict it is reported as not run, with the same reason
-    assert _module().main(args) == 0
+    assert load_example("reproduce").main(args) == 0
     md = (tmp_path / "docs" / "results.md").read_text()
     assert "**fashion_mnist**: not run." in md and str(empty) in md
     assert not (tmp_path / "work").exists()  # nothing was trained
 
 
 @pytest.mark.slow
-def test_quick_smoke_run(tmp_path):
+def test_quick_smoke_run(tmp_path, load_example):
     out = tmp_path / "docs"
-    assert _module().main(["--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert load_example("reproduce").main(["--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     md = (out / "results.md").read_text()
     for heading in ("generative classifier", "ECINN counterfactuals", "ECINNh heatmaps", "DISC ablation",
                     "Decision-boundary", "FakeMNIST", "fashion_mnist and cifar10"):
@@ -52,7 +40,7 @@ def test_quick_smoke_run(tmp_path):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
 
 
-def test_reference_sections_render_every_row_with_intervals():
+def test_reference_sections_render_every_row_with_intervals(load_example):
     cell = lambda r: {"rate": r, "ci95": [r - 0.01, r + 0.01], "n": 100}  # noqa: E731
     ref = {"queries": "Q", "model": "M", "step": "code", "refine": 2, "seconds": 1.0,
            "rows": {"authors GEN": {"validity": cell(0.99), "judge_rbf": cell(0.9), "judge_knn": cell(0.8), "judges_all_agree": cell(0.7),
@@ -60,13 +48,13 @@ def test_reference_sections_render_every_row_with_intervals():
                     "cfjax ECINN": {"validity": cell(0.97), "judge_rbf": cell(0.6), "judge_knn": cell(0.5), "judges_all_agree": cell(0.4)}}}
     fake = {"model": "F", "queries": "FQ", "marker_switched": 0.9996, "marker_switched_ci95": [0.999, 0.9998],
             "authors_gen_marker_switched": 0.9998, "mean_abs_change": 0.02, "authors_gen_mean_abs_change": 0.0068}
-    text = "\n".join(_module().reference_lines({"ecinn_reference": ref, "fakemnist_reference": {"ecinn": fake}}, {"date": "D"}))
+    text = "\n".join(load_example("reproduce").reference_lines({"ecinn_reference": ref, "fakemnist_reference": {"ecinn": fake}}, {"date": "D"}))
     assert "| authors GEN | 99.0% (98.0%–100.0%) | 90.0% (89.0%–91.0%) |" in text and "| 99 | 0.8 | 0.1 | 3 |" in text
     assert "| cfjax ECINN | 97.0%" in text and "99.96% (95% interval 99.90%–99.98%)" in text
 
 
-def test_ecinn_section_marks_the_cli_default_and_renders_judges(tmp_path):
-    mod = _module()
+def test_ecinn_section_marks_the_cli_default_and_renders_judges(tmp_path, load_example):
+    mod = load_example("reproduce")
     from cfjax.pipelines.explain_ecinn import DEFAULT_REFINE, DEFAULT_STEP
 
     rows = mod.step_rule_rows()

@@ -1,7 +1,7 @@
 """``cfjax explain ecinn|disc``: flags -> Queries, Output and the method's settings -> the explain pipelines.
 
     cfjax explain ecinn [--model DIR] --data mnist5k --split test --limit N --target next|K \\
-        --out CF.npz [--png GRID.png] [--step adaptive|code|beyond|paper|full|...] [--refine R] [--direction predicted_means|mu]
+        --out CF.npz [--png GRID.png] [--step adaptive|code|beyond|paper|full|...] [--refine R] [--direction predicted_means|mu] [--residual R]
     cfjax explain disc [--model DIR] --data mnist5k --split test --limit N --target next|K \\
         --out CF.npz [--png GRID.png] [--steps S] [--prior pixels|dip|inr] [--manifold duq|none] \\
         [--duq DIR] [--bn-weight W] [--progressive|--no-progressive] [--batch-size B] [--seed S]
