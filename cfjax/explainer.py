@@ -34,9 +34,10 @@ class Explainer:
 
         step = parse_step(DEFAULT_STEP if step is None else step)
         refine = DEFAULT_REFINE if refine is None else int(refine)
-        check_options(step, direction, residual)
+        residual = check_residual(residual)
+        check_options(step, direction)
         self.params, self.config, self.info = params, config, info or {}
-        self.step, self.direction, self.refine, self.residual = step, direction, refine, check_residual(residual)
+        self.step, self.direction, self.refine, self.residual = step, direction, refine, residual
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs) -> "Explainer":

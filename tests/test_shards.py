@@ -92,6 +92,10 @@ def test_refusals_one_line_errors(tmp_path, ecinn_reference, capsys):
     assert main([*ECINN, "--out", str(d), "--resume", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err
     assert "settings.batch_size" in err and "directory has 8" in err and err.count("\n") == 1
+    # a directory made with the paper's move is not resumed with another --residual
+    assert main([*ECINN, "--out", str(d), "--resume", "--residual", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "residual" in err and err.count("\n") == 1
     assert main([*ECINN, "--out", str(d), "--resume", "--limit", "30"]) == 2
     assert "num_queries" in capsys.readouterr().err
     # --resume needs a shard directory; --png needs one CF.npz
