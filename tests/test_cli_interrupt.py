@@ -40,3 +40,34 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, after, start_s):
     assert p.returncode == 130, (p.returncode, stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("cfjax: interrupted"), stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+SWALLOWING_COMMAND = """
+import os, signal, sys, time
+from pathlib import Path
+import cfjax.cli as cli
+
+def command(argv):
+    try:  # a library that swallows the first KeyboardInterrupt (a bare except around its work)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    except BaseException:
+        pass
+    time.sleep(2.0)  # the work goes on...
+    Path(sys.argv[1]).write_text("written")  # ... and would write its output
+    return 0
+
+cli._main = command
+cli.main()
+"""
+
+
+def test_ctrl_c_swallowed_by_a_library_still_stops_the_command(tmp_path):
+    """A KeyboardInterrupt that a library swallows is raised again (every 50 ms until caught): the
+    command stops with the one line and exit 130 instead of finishing its work."""
+    out = tmp_path / "out.txt"
+    p = subprocess.run([sys.executable, "-c", SWALLOWING_COMMAND, str(out)], capture_output=True, text=True, timeout=60)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("cfjax: interrupted"), p.stderr[-2000:]
+    assert not out.exists()

@@ -65,6 +65,7 @@ INTERRUPTED_MESSAGE = ("cfjax: interrupted; nothing half-written was left (outpu
                        "run or a --shards directory continues with --resume, a single --out file is made by running "
                        "the command again")
 _interrupts: list[int] = []
+_caught: list[bool] = []  # main has caught the KeyboardInterrupt: no more are raised
 _terminal_fd: list[int] = []  # the real stderr, kept aside once Ctrl-C has muted file descriptor 2
 
 
@@ -111,10 +112,12 @@ def _on_signal(signum, frame):
     if signum == signal.SIGINT:
         _interrupts.append(signum)  # remembered even if a library swallows the KeyboardInterrupt
         _mute_stderr()
-    if not _interrupts:
+    if not _interrupts or _caught:
         return
+    # Inside an import, wait; elsewhere raise, and raise again 50 ms later should a library
+    # swallow this one (a bare ``except:`` around its work), until main has caught one.
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
     if _in_import(frame):
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
         return
     raise KeyboardInterrupt
 
@@ -126,14 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     from_shell = argv is None
+    _caught.clear()
     if from_shell and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGALRM, _on_signal)
         sys.unraisablehook = _unraisable
     try:
-        code = _main(argv)
+        try:
+            code = _main(argv)
+        finally:
+            _caught.append(True)
     except KeyboardInterrupt:
         code = 130
+    _caught.append(True)
+    if from_shell and _interrupts:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     if _interrupts:
         code = 130
     if code == 130:
