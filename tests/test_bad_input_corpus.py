@@ -289,6 +289,8 @@ CLI_CASES = [
     ("train-flow-batch-0", ["train", "flow", "--data", "mnist5k", "--out", "OUT", "--batch-size", "0"], "batch"),
     ("train-flow-unfolded-noise-logit", ["train", "flow", "--arch", "ibinn-small", "--data", "mnist5k", "--out", "OUT",
                                          "--preprocess", "logit", "--noise-boundary", "none"], "logit"),
+    ("train-flow-rotate-90", ["train", "flow", "--data", "mnist5k", "--out", "OUT", "--augment-rotate", "90"], "augment_rotate"),
+    ("train-flow-scale-1", ["train", "flow", "--data", "mnist5k", "--out", "OUT", "--augment-scale", "1"], "augment_scale"),
     ("train-flow-unknown-data", ["train", "flow", "--data", "nosuchdata_xyz", "--out", "OUT"], "nosuchdata_xyz"),
     ("train-flow-resume-nothing", ["train", "flow", "--out", "OUT", "--resume"], "resume"),
     ("train-classifier-arch", ["train", "classifier", "--out", "OUT", "--arch", "vgg"], "vgg"),

@@ -105,6 +105,37 @@ def test_augment_shift_trains_on_shifted_images_and_is_kept_on_resume(small, tmp
         train_flow.build_spec(CFG, small[0], 1e-3, 6, seed=0, augment_shift=-1)
 
 
+def test_augment_affine_trains_on_warped_images_and_is_kept_on_resume(small, tmp_path, monkeypatch):
+    """--augment-rotate / --augment-scale: the loss sees the warped images (recorded), both settings
+    are recorded in the model directory and --resume refuses other values."""
+    seen = []
+    real = train_flow.random_affine
+
+    def recording(key, x, max_rotate, max_scale):
+        out = real(key, x, max_rotate, max_scale)
+        jax.debug.callback(lambda a, b: seen.append((np.asarray(a), np.asarray(b))), x, out)
+        return out
+
+    monkeypatch.setattr(train_flow, "random_affine", recording)
+    train, test = small
+
+    def run(out, rotate, scale, **kw):
+        spec = train_flow.build_spec(CFG, train, 1e-3, 6, seed=0, augment_rotate=rotate, augment_scale=scale)
+        return fit(spec, train, test, out, epochs=2, batch_size=32, seed=0, checkpoint_every=2, quiet=True, **kw)
+
+    _, stopped = run(tmp_path / "aff", 15.0, 0.1, max_steps=2)
+    assert stopped == {"stopped_at_step": 2} and len(seen) == 2
+    for x, out in seen:
+        assert x.shape == out.shape == (32, 28, 28, 1) and not np.array_equal(x, out)
+        assert out.min() >= 0.0 and out.max() <= 1.0  # bilinear resampling stays in the pixel range
+    info = train_flow.ckpt.read_model_info(tmp_path / "aff", expected_kind="flow")
+    assert (info["augment_rotate"], info["augment_scale"]) == (15.0, 0.1)
+    with pytest.raises(CfjaxError, match="augment_rotate=15.0"):
+        run(tmp_path / "aff", 0.0, 0.1, resume=True)
+    with pytest.raises(CfjaxError, match="augment_rotate"):
+        train_flow.build_spec(CFG, train, 1e-3, 6, seed=0, augment_rotate=95.0)
+
+
 def test_init_from_starts_at_the_trained_weights_and_refuses_another_network(small, tmp_path):
     """--init-from: the new run starts exactly at the trained flow's parameters (a near-zero
     learning rate leaves them there), records where it came from, and a different network is

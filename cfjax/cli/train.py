@@ -83,6 +83,10 @@ def add_flow(p: argparse.ArgumentParser) -> None:
                     help=f"fixed channel mixing after each block (default {a.mixing})")
     p.add_argument("--augment-shift", type=NON_NEGATIVE_INT, default=t.augment_shift,
                    help=f"random shifts of up to this many pixels, zero fill (default {t.augment_shift}: none)")
+    p.add_argument("--augment-rotate", type=NON_NEGATIVE_FLOAT, default=t.augment_rotate, metavar="DEGREES",
+                   help=f"random rotations of each training image by up to this many degrees, bilinear, zero fill (default {t.augment_rotate:g}: none)")
+    p.add_argument("--augment-scale", type=NON_NEGATIVE_FLOAT, default=t.augment_scale, metavar="FRACTION",
+                   help=f"random scalings of each training image by a factor in [1 - F, 1 + F] (default {t.augment_scale:g}: none)")
     p.add_argument("--ema", type=NON_NEGATIVE_FLOAT, default=t.ema, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
                         f"ship the average instead of the last step's weights (default {t.ema:g}: off)")
@@ -100,7 +104,8 @@ def run_flow(args) -> int:
     training = tf.FlowTraining(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         beta=args.beta, label_smoothing=args.label_smoothing, train_prior=args.train_prior,
-        augment_shift=args.augment_shift, ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        augment_shift=args.augment_shift, augment_rotate=args.augment_rotate, augment_scale=args.augment_scale,
+        ema=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )
     tf.train(arch, training, out=args.out, data=args.data, data_dir=args.data_dir, extra_train=args.extra_train,
              resume=args.resume, export=args.export, quiet=args.quiet, init_from=args.init_from)

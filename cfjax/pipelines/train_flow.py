@@ -24,6 +24,7 @@ import optax
 from cfjax import checkpoint as ckpt
 from cfjax import model_dirs
 from cfjax.data import Dataset, load_dataset
+from cfjax.augment import check_affine, random_affine
 from cfjax.errors import CfjaxError
 from cfjax.methods.ecinn import class_mean_sums
 from cfjax.models import flow_classifier as fc
@@ -149,6 +150,8 @@ class FlowTraining:
     mean_lr_factor: float | None = None
     clip: float | None = None
     augment_shift: int = 0
+    augment_rotate: float = 0.0
+    augment_scale: float = 0.0
     ema: float = 0.0
     seed: int = 0
     checkpoint_every: int = CHECKPOINT_EVERY
@@ -163,6 +166,7 @@ class FlowTraining:
         positive_float(filled.beta, "beta")
         non_negative_float(filled.label_smoothing, "label_smoothing")
         non_negative_int(filled.augment_shift, "augment_shift")
+        check_affine(filled.augment_rotate, filled.augment_scale)
         check_ema(filled.ema)
         return filled
 
@@ -248,16 +252,18 @@ def ema_update(average, params, count, decay: float):
 
 def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total_steps: int, seed: int, augment_shift: int = 0,
                optimizer: str = "adam", mean_lr_factor: float = 10.0, clip: float = 10.0, init_params: dict | None = None,
-               info: dict | None = None, ema: float = 0.0) -> TrainSpec:
+               info: dict | None = None, ema: float = 0.0, augment_rotate: float = 0.0, augment_scale: float = 0.0) -> TrainSpec:
     """The TrainSpec for :func:`cfjax.pipelines.training.fit`: IB-INN loss, the chosen optimizer
     (see :func:`make_optimizer`), optional random shifts of up to ``augment_shift`` pixels (zero
-    fill) before dequantisation. ``init_params`` (a trained flow's params, see
+    fill) and random rotations / scalings of up to ``augment_rotate`` degrees / ``augment_scale``
+    (:func:`cfjax.augment.random_affine`) before dequantisation. ``init_params`` (a trained flow's params, see
     :func:`warm_start_params`) replaces the random initialisation; the optimizer starts fresh.
     ``info``: extra fields for the model directory's record. ``ema`` > 0 keeps an exponential
     moving average of the weights (:func:`ema_update`) in the state, and the trained model is
     that average (its BatchNorm statistics and class means computed for it); the last step's
     weights stay in the final checkpoint as ``online_params``."""
     non_negative_int(augment_shift, "augment_shift")
+    check_affine(augment_rotate, augment_scale)
     ema = check_ema(ema)
     opt = make_optimizer(lr, total_steps, mean_lr_factor=mean_lr_factor, clip=clip, optimizer=optimizer)
 
@@ -276,6 +282,9 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
         if augment_shift:
             key, k_shift = jax.random.split(key)
             x = random_shift(k_shift, jnp.asarray(x, jnp.float32), augment_shift)
+        if augment_rotate or augment_scale:
+            key, k_affine = jax.random.split(key)
+            x = random_affine(k_affine, jnp.asarray(x, jnp.float32), augment_rotate, augment_scale)
         (loss, aux), grads = jax.value_and_grad(fc.loss_fn, has_aux=True)(state["params"], config, x, y, key)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -305,7 +314,7 @@ def build_spec(config: fc.FlowClassifierConfig, train: Dataset, lr: float, total
         train_step=train_step,
         evaluate=lambda state, data: evaluate_flow(state["params"], config, data),
         finalize=finalize,
-        info={"lr": lr, "augment_shift": augment_shift, "ema": ema, "optimizer": optimizer, "mean_lr_factor": mean_lr_factor, "clip": clip,
+        info={"lr": lr, "augment_shift": augment_shift, "augment_rotate": float(augment_rotate), "augment_scale": float(augment_scale), "ema": ema, "optimizer": optimizer, "mean_lr_factor": mean_lr_factor, "clip": clip,
               **(info or {})},
         show=("loss", "bpd", "acc"),
     )
@@ -373,7 +382,8 @@ def train(arch: FlowArchitecture, training: FlowTraining, *, out, data: str = "m
     epochs = training.epochs if training.steps is None else -(-steps // max(steps_per_epoch, 1))
     spec = build_spec(config, train_ds, training.lr, steps, training.seed, augment_shift=training.augment_shift,
                       optimizer=training.optimizer, mean_lr_factor=training.mean_lr_factor, clip=training.clip,
-                      init_params=init_params, info=init_info, ema=training.ema)
+                      init_params=init_params, info=init_info, ema=training.ema,
+                      augment_rotate=training.augment_rotate, augment_scale=training.augment_scale)
     t0 = time.perf_counter()
     _, metrics = fit(
         spec, train_ds, test, out, epochs=epochs, batch_size=training.batch_size, seed=training.seed,
