@@ -49,7 +49,7 @@ from cfjax.errors import CfjaxError
 from cfjax.methods.bn_capture import BN_CONVENTIONS, Capture, bn_statistics_loss, capture  # noqa: F401 - part of this module's API
 from cfjax.methods.deep_inversion import UNROLL, chunk_lengths, random_shift, total_variation  # noqa: F401 - part of this module's API
 from cfjax.models import priors as priors_lib
-from cfjax.parallel import batch_mesh_of, per_example
+from cfjax.parallel import batch_mesh_of, per_example, per_slice
 from cfjax.validation import non_negative_int, positive_float, positive_int, validate_images, validate_targets
 
 TARGET_MODES = ("ce", "prob")
@@ -515,7 +515,10 @@ def _fit_jit(params, aux, xq, prior, steps: int, lr: float, mesh=None):
 
 @partial(jax.jit, static_argnames=("prior", "mesh"))
 def _init_jit(keys, xq, prior, mesh=None):
-    return per_example(prior.init, 0, mesh)(keys, xq)
+    # A loop over the queries (lax.map), not vmap: the same values, and XLA compiles the random
+    # initialisers of one generator instead of their batched form, in half the time (a DIP prior:
+    # 16 s -> 8 s on 2 loaded cores; the work itself is negligible either way).
+    return per_slice(lambda k, q: jax.lax.map(lambda a: prior.init(*a), (k, q)), (True, True), mesh)(keys, xq)
 
 
 @partial(jax.jit, static_argnames=("apply_fn", "apply_kwargs", "feature_layer"))
