@@ -71,3 +71,33 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_the_command(tmp_path):
     assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("cfjax: interrupted"), p.stderr[-2000:]
     assert not out.exists()
+
+
+SLOW_CLEANUP_COMMAND = """
+import os, signal, sys, time
+from pathlib import Path
+import cfjax.cli as cli
+
+def command(argv):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5.0)
+    finally:  # clean-up that outlasts the 50 ms re-delivery period, e.g. removing a temporary file
+        time.sleep(0.4)
+        Path(sys.argv[1]).write_text("cleaned")
+    return 0
+
+cli._main = command
+cli.main()
+"""
+
+
+def test_ctrl_c_lets_the_clean_up_of_the_interrupted_command_finish(tmp_path):
+    """While a KeyboardInterrupt is being handled (its finally / except clean-up), no second one is
+    raised into it: the clean-up completes, then the one line and exit 130."""
+    marker = tmp_path / "cleaned.txt"
+    p = subprocess.run([sys.executable, "-c", SLOW_CLEANUP_COMMAND, str(marker)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert marker.read_text() == "cleaned"
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cfjax: interrupted"), p.stderr[-2000:]

@@ -114,10 +114,12 @@ def _on_signal(signum, frame):
         _mute_stderr()
     if not _interrupts or _caught:
         return
-    # Inside an import, wait; elsewhere raise, and raise again 50 ms later should a library
-    # swallow this one (a bare ``except:`` around its work), until main has caught one.
+    # Look again in 50 ms, until main has caught one: a library may swallow this KeyboardInterrupt
+    # (a bare ``except:`` around its work), and the command must not go on to write its output.
+    # Inside an import wait; while one is being handled (its ``except`` / ``finally`` clean-up,
+    # e.g. removing a temporary file) never raise a second.
     signal.setitimer(signal.ITIMER_REAL, 0.05)
-    if _in_import(frame):
+    if _in_import(frame) or isinstance(sys.exc_info()[1], KeyboardInterrupt):
         return
     raise KeyboardInterrupt
 
