@@ -504,6 +504,7 @@ def test_jitter_key_is_a_pure_function_of_the_step_and_covers_the_window():
     assert offset(7) == offsets[7] and offset(123) == offsets[123]
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_jitter_changes_the_optimisation_but_not_the_contract(small_mnist_classifier):
     apply_fn, v, x = small_mnist_classifier
     xq = x[8:12]

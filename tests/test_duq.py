@@ -259,6 +259,7 @@ def test_total_variation_matches_numpy():
     np.testing.assert_allclose(np.asarray(total_variation(jnp.asarray(x), norm="l1", diagonals=False)), per_image, rtol=1e-5)
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_synthesize_optimises_the_inversion_objective():
     # Running statistics := those of 64 real digits (momentum 0), so the BN term is attainable.
     clf = ClassifierConfig(arch="cnn", width=4, hidden=8, bn_momentum=0.0)

@@ -273,7 +273,9 @@ def _refine_reference(params, config, z, y, target, step, refine):
     return np.asarray(x_cf), rounds, np.asarray(fc.predict_proba(params, config, x_cf))
 
 
-@pytest.mark.parametrize("fractions, sizes", [((), (32,)), ((1 / 8,), (4, 32)), ((1 / 8, 1 / 4, 1 / 2), (4, 8, 16, 32))])
+# The shipped setting (1/8) runs by default; the other two in the slow suite (time).
+@pytest.mark.parametrize("fractions, sizes", [pytest.param((), (32,), marks=pytest.mark.slow), ((1 / 8,), (4, 32)),
+                                              pytest.param((1 / 8, 1 / 4, 1 / 2), (4, 8, 16, 32), marks=pytest.mark.slow)])
 def test_refinement_stops_early_and_moves_only_the_queries_left(monkeypatch, fractions, sizes):
     """The while loop (rounds stop when all queries are done; a round gathers the queries left
     into the smallest sub-batch of REFINE_FRACTIONS of the batch that holds them) gives the

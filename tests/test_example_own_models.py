@@ -4,6 +4,8 @@ with ECINN, through the public API only."""
 import ast
 from pathlib import Path
 
+import pytest
+
 import cfjax
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_models.py"
@@ -18,6 +20,7 @@ def test_example_uses_only_public_names():
     assert not imported, imported
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_own_classifier_with_disc_and_own_flow_with_ecinn(load_example):
     out = load_example("own_models").main(["--steps", "150", "--flow-steps", "150", "--disc-steps", "120", "--queries", "8"])
     assert out["disc"]["accuracy"] > 0.9 and out["ecinn"]["accuracy"] > 0.85

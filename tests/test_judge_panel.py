@@ -30,6 +30,7 @@ def test_calibration_rule(panel_mod):
     assert panel_mod.calibrated(rows)["rbf"] is False
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_end_to_end_on_a_stand_in_reference(panel_mod, tmp_path):
     te = load_dataset("mnist5k", "test")
     tr = load_dataset("mnist5k", "train")

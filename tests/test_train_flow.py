@@ -166,6 +166,7 @@ def test_init_from_starts_at_the_trained_weights_and_refuses_another_network(sma
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_ema_ships_the_weight_average_and_survives_resume(small, tmp_path, monkeypatch):
     """--ema: the shipped weights are the exponential moving average of the per-step weights,
     recomputed here in NumPy from weights recorded at every step (the decay warms up as
