@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             z, _ = ce(fp, x64)
             t2 = time.perf_counter()
-            cd = dec.lower(fp, z).compile()
+            dec.lower(fp, z).compile()
             t3 = time.perf_counter()
             compiled[scan] = (t1 - t0, t3 - t2, np.asarray(z))
         finally:
