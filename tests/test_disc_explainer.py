@@ -10,6 +10,7 @@ from cfjax.methods.disc import DISCConfig
 FAST = DISCConfig(prior="pixels", steps=60, fit_steps=0, stages=(0.5, 0.9), jitter=0)  # jitter needs more steps
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_pretrained_one_call_with_next_and_per_query_targets():
     x = load_dataset("mnist5k", "test").images[:8]
     ex = cfjax.DISCExplainer.pretrained("mnist5k", config=FAST)

@@ -111,6 +111,7 @@ def test_gradient_penalty_and_loss_match_finite_differences_and_numpy():
         np.testing.assert_allclose(float(aux["acc"]), np.mean(k.argmax(1) == y))
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_loss_gradient_survives_a_vanishing_kernel():
     """Far from every centroid K underflows to 0, yet -log K (the BCE) still has a gradient."""
     v = _perturbed_variables(SMALL)

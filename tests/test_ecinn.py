@@ -87,6 +87,7 @@ def test_residual_pulls_the_query_towards_its_class_mean_then_steps(direction):
             ecinn.latent_step(*args, residual=bad)
 
 
+@pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_residual_reaches_the_explainer_and_the_all_classes_call(params):
     """residual flows through counterfactual -> counterfactual_from_latent (first move only),
     counterfactuals_all_classes and the Explainer (the CLI's pipeline): each equals decoding the
