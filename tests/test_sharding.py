@@ -77,18 +77,21 @@ SHIPPED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_shipped_flow_over_two_devices_matches_one(tmp_path):
-    script = f"DUMP = {str(tmp_path)!r}\n" + SHIPPED_SCRIPT + NO_COLLECTIVES + "print('SHARDING-OK')\n"
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(2, tmp_path), timeout=600)
+def _run_ecinn(script: str, devices: int, dump) -> None:
+    """Run an ECINN sharding script on ``devices`` forced CPU devices; it must end without collectives."""
+    script = f"DUMP = {str(dump)!r}\n" + script + NO_COLLECTIVES + "print('SHARDING-OK')\n"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(devices, dump), timeout=600)
     assert p.returncode == 0 and "SHARDING-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def test_shipped_flow_over_two_devices_matches_one(tmp_path):
+    _run_ecinn(SHIPPED_SCRIPT, 2, tmp_path)
 
 
 @pytest.mark.slow  # out of the default suite for time (guide: ~10 min on 2 cores); run with -m slow
 def test_eight_devices_match_one(tmp_path):
     """The Glow flow (no longer the default) over 8 devices, with padding and the device-count check."""
-    script = f"DUMP = {str(tmp_path)!r}\n" + SCRIPT + NO_COLLECTIVES + "print('SHARDING-OK')\n"
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(8, tmp_path), timeout=600)
-    assert p.returncode == 0 and "SHARDING-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    _run_ecinn(SCRIPT, 8, tmp_path)
 
 
 DISC_SCRIPT = textwrap.dedent(
