@@ -136,6 +136,8 @@ def main(argv=None) -> dict:
     p.add_argument("--residual", type=float, default=1.0, help="share of the query's offset from its class mean kept (default 1, the paper)")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None, help="picture: query | authors' GEN | cfjax, 20 held-out queries")
+    p.add_argument("--png-by-target", default=None,
+                   help="picture: for each target class (rows) its first 6 held-out queries, each as query | authors' GEN | cfjax")
     args = p.parse_args(argv)
     ref = Path(args.reference)
     t0 = time.perf_counter()
@@ -204,7 +206,49 @@ def main(argv=None) -> dict:
             ax[r, 0].set_ylabel(name, fontsize=8)
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)
+    if args.png_by_target:
+        by_target_figure(args.png_by_target, xq, gen["cfs"][HELD_OUT] / 255.0, x_cf, yq, q)
     return result
+
+
+def first_per_target(target: np.ndarray, per_class: int) -> dict[int, np.ndarray]:
+    """{class: positions of the first ``per_class`` queries with that target}, classes ascending;
+    negative targets (skipped queries) are left out."""
+    return {int(t): np.flatnonzero(target == t)[:per_class] for t in np.unique(target[target >= 0])}
+
+
+def by_target_figure(path: str, xq: np.ndarray, authors: np.ndarray, ours: np.ndarray, y: np.ndarray, target: np.ndarray,
+                     per_class: int = 6) -> None:
+    """For each target class (a row), the first ``per_class`` queries sent there, each as a triple
+    query | authors' GEN | cfjax. xq, ours (N, H, W, 1) and authors (N, H, W) in [0, 1]; y, target (N,)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = first_per_target(target, per_class)
+    fig, ax = plt.subplots(len(picks), 3 * per_class, figsize=(3 * per_class * 0.62, len(picks) * 0.85))
+    ax = np.atleast_2d(ax)
+    for r, (t, idx) in enumerate(picks.items()):
+        for j in range(per_class):
+            for k in range(3):
+                a = ax[r, 3 * j + k]
+                a.set_xticks([]), a.set_yticks([])
+                if j < len(idx):
+                    img = (xq, authors, ours)[k][idx[j]]
+                    a.imshow(np.squeeze(img), cmap="gray", vmin=0, vmax=1)
+                    if k == 0:
+                        a.set_title(f"{y[idx[j]]}→{t}", fontsize=6, pad=2)
+                else:
+                    a.axis("off")
+            if r == len(picks) - 1:
+                for k, name in enumerate(("query", "authors", "cfjax")):
+                    ax[r, 3 * j + k].set_xlabel(name, fontsize=5, labelpad=1)
+        ax[r, 0].set_ylabel(f"→ {t}", fontsize=8)
+    fig.suptitle("held-out queries by target class: query | authors' GEN | cfjax", fontsize=9)
+    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.8, rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

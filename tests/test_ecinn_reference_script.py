@@ -32,3 +32,21 @@ def test_judge_row_by_target_counts_agreement_and_lone_pixels_per_class(load_exa
         assert abs(cell["judges_all_agree"] - both[sel].mean()) < 1e-4
         assert abs(cell["isolated_ink"] - lone[sel].mean()) < 1e-3
     assert 0 < sum(c["judges_all_agree"] * c["n"] for c in row["by_target"].values()) < 40
+
+
+def test_by_target_figure_picks_the_first_queries_of_each_target(load_example, tmp_path):
+    mod = load_example("ecinn_reference")
+    target = np.array([3, 1, -1, 3, 1, 3, 3, 0, 1])
+    picks = mod.first_per_target(target, 2)
+    assert list(picks) == [0, 1, 3]  # ascending, the skipped query (-1) left out
+    for t, idx in picks.items():
+        expected = [i for i in range(len(target)) if target[i] == t][:2]
+        np.testing.assert_array_equal(idx, expected)
+    rng = np.random.default_rng(0)
+    x = rng.random((9, 28, 28, 1))
+    out = tmp_path / "by_target.png"
+    mod.by_target_figure(str(out), x, x[..., 0], x, np.zeros(9, int), target, per_class=2)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > img.shape[0]  # 3 rows, 6 images per row
