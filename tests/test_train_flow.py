@@ -159,6 +159,18 @@ def test_init_from_starts_at_the_trained_weights_and_refuses_another_network(sma
     fresh = fc.init_flow_classifier(jax.random.PRNGKey(1), CFG, train.images[:32])
     assert max(float(np.abs(a - b).max()) for a, b in zip(_leaves(fresh["glow"]), _leaves(trained["glow"]))) > 1e-2
 
+    # A warm-started run killed part way continues from its own checkpoint with --resume (not from
+    # the weights it started at) and ends where the uninterrupted warm-started run ends.
+    spec = train_flow.build_spec(CFG, train, 1e-3, 4, seed=1, init_params=init, info=record)
+    whole, _ = fit(spec, train, test, tmp_path / "w", epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True)
+    _, stopped = fit(spec, train, test, tmp_path / "k", epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True, max_steps=2)
+    assert stopped == {"stopped_at_step": 2}
+    resumed, _ = fit(spec, train, test, tmp_path / "k", epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True, resume=True)
+    for a, b in zip(_leaves(resumed["params"]), _leaves(whole["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(_leaves(whole["params"]["glow"]), _leaves(trained["glow"]))) > 1e-6
+    assert train_flow.ckpt.read_model_info(tmp_path / "k", expected_kind="flow")["init_from"] == str(tmp_path / "a")
+
     wider = dataclasses.replace(CFG, glow=dataclasses.replace(CFG.glow, hidden_channels=16, max_hidden_channels=16))
     with pytest.raises(CfjaxError, match="different network.*hidden_channels"):
         train_flow.warm_start_params(tmp_path / "a", wider)
