@@ -221,11 +221,9 @@ def by_target_figure(path: str, xq: np.ndarray, authors: np.ndarray, ours: np.nd
                      per_class: int = 6) -> None:
     """For each target class (a row), the first ``per_class`` queries sent there, each as a triple
     query | authors' GEN | cfjax. xq, ours (N, H, W, 1) and authors (N, H, W) in [0, 1]; y, target (N,)."""
-    import matplotlib
+    from cfjax.plotting import pyplot, save_figure, show_image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     picks = first_per_target(target, per_class)
     fig, ax = plt.subplots(len(picks), 3 * per_class, figsize=(3 * per_class * 0.62, len(picks) * 0.85))
     ax = np.atleast_2d(ax)
@@ -233,10 +231,8 @@ def by_target_figure(path: str, xq: np.ndarray, authors: np.ndarray, ours: np.nd
         for j in range(per_class):
             for k in range(3):
                 a = ax[r, 3 * j + k]
-                a.set_xticks([]), a.set_yticks([])
                 if j < len(idx):
-                    img = (xq, authors, ours)[k][idx[j]]
-                    a.imshow(np.squeeze(img), cmap="gray", vmin=0, vmax=1)
+                    show_image(a, (xq, authors, ours)[k][idx[j]])
                     if k == 0:
                         a.set_title(f"{y[idx[j]]}→{t}", fontsize=6, pad=2)
                 else:
@@ -247,8 +243,7 @@ def by_target_figure(path: str, xq: np.ndarray, authors: np.ndarray, ours: np.nd
         ax[r, 0].set_ylabel(f"→ {t}", fontsize=8)
     fig.suptitle("held-out queries by target class: query | authors' GEN | cfjax", fontsize=9)
     fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.8, rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The flow trainer: a short run, checkpoint round trip, resume after a kill, export."""
 
+import functools
 import jax
 import numpy as np
 import pytest
@@ -162,10 +163,11 @@ def test_init_from_starts_at_the_trained_weights_and_refuses_another_network(sma
     # A warm-started run killed part way continues from its own checkpoint with --resume (not from
     # the weights it started at) and ends where the uninterrupted warm-started run ends.
     spec = train_flow.build_spec(CFG, train, 1e-3, 4, seed=1, init_params=init, info=record)
-    whole, _ = fit(spec, train, test, tmp_path / "w", epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True)
-    _, stopped = fit(spec, train, test, tmp_path / "k", epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True, max_steps=2)
+    run = functools.partial(fit, spec, train, test, epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True)
+    whole, _ = run(tmp_path / "w")
+    _, stopped = run(tmp_path / "k", max_steps=2)
     assert stopped == {"stopped_at_step": 2}
-    resumed, _ = fit(spec, train, test, tmp_path / "k", epochs=2, batch_size=32, seed=1, checkpoint_every=2, quiet=True, resume=True)
+    resumed, _ = run(tmp_path / "k", resume=True)
     for a, b in zip(_leaves(resumed["params"]), _leaves(whole["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert max(float(np.abs(a - b).max()) for a, b in zip(_leaves(whole["params"]["glow"]), _leaves(trained["glow"]))) > 1e-6
