@@ -153,27 +153,28 @@ def test_all_classes_in_one_call_matches_per_target(params):
         np.testing.assert_allclose(np.asarray(allc["x_cf"][:, t]), np.asarray(single["x_cf"]), atol=1e-5)
 
 
-def test_search_rule_keeps_the_farthest_candidate_in_the_pixel_range(params, monkeypatch):
-    """``adaptive`` per query against the plain candidate rules run one by one and chosen in NumPy."""
+@pytest.mark.parametrize("rule", ["adaptive", "adaptive-wide"])
+def test_search_rule_keeps_the_farthest_candidate_in_the_pixel_range(params, monkeypatch, rule):
+    """A search rule per query against its candidate rules run one by one and chosen in NumPy."""
     x = jax.random.uniform(jax.random.PRNGKey(9), (12, 8, 8, 1))
     t = jnp.array([0, 1, 2, 3] * 3)
-    rules, _ = ecinn.SEARCH_RULES["adaptive"]
+    rules, _ = ecinn.SEARCH_RULES[rule]
     singles = [ecinn.counterfactual(params, CFG, x, t, step=r) for r in rules]
     oor = np.stack([np.abs((r := np.asarray(fc.decode(params, CFG, s["z_cf"]))) - np.clip(r, 0, 1)).mean((1, 2, 3)) for s in singles])
     tol = float(np.median(oor))  # a tolerance that splits these queries between the candidates
-    monkeypatch.setitem(ecinn.SEARCH_RULES, "adaptive", (rules, tol))
-    out = ecinn.counterfactual(params, CFG, x, t, step="adaptive")
+    monkeypatch.setitem(ecinn.SEARCH_RULES, rule, (rules, tol))
+    out = ecinn.counterfactual(params, CFG, x, t, step=rule)
     for i in range(len(x)):
         k = next((k for k in range(len(rules)) if oor[k, i] <= tol), len(rules) - 1)
         np.testing.assert_allclose(np.asarray(out["x_cf"][i]), np.asarray(singles[k]["x_cf"][i]), atol=1e-5)
         np.testing.assert_allclose(float(out["alpha"][i]), float(singles[k]["alpha"][i]), rtol=1e-6)
     picked = {next((k for k in range(len(rules)) if oor[k, i] <= tol), len(rules) - 1) for i in range(len(x)) if int(t[i]) != int(out["y_pred"][i])}
     assert len(picked) > 1, picked  # the test saw more than one candidate chosen
-    allc = ecinn.counterfactuals_all_classes(params, CFG, x[:3], step="adaptive")
+    allc = ecinn.counterfactuals_all_classes(params, CFG, x[:3], step=rule)
     for c in range(4):
-        np.testing.assert_allclose(np.asarray(allc["x_cf"][:, c]), np.asarray(ecinn.counterfactual(params, CFG, x[:3], jnp.full(3, c), step="adaptive")["x_cf"]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(allc["x_cf"][:, c]), np.asarray(ecinn.counterfactual(params, CFG, x[:3], jnp.full(3, c), step=rule)["x_cf"]), atol=1e-5)
     with pytest.raises(CfjaxError, match="search rule"):
-        ecinn.latent_step(params["latent"], params["class_means"], jnp.zeros((1, 64)), jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), step="adaptive")
+        ecinn.latent_step(params["latent"], params["class_means"], jnp.zeros((1, 64)), jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), step=rule)
 
 
 def test_heatmap_against_numpy():

@@ -93,7 +93,7 @@ def tiny_ibinn():
     return params, TINY_IBINN, TwinIBINNClassifier(params, TINY_IBINN).eval(), x
 
 
-@pytest.mark.parametrize("step", ["code", "adaptive"])
+@pytest.mark.parametrize("step", ["code", "adaptive", "adaptive-wide"])
 def test_ibinn_twin_matches_cfjax(tiny_ibinn, step):
     """The IB-INN twin: latents, log-determinants, decodes and ECINN (a step rule and the CLI's
     search rule, with refinement rounds) equal cfjax's within the benchmark's tolerances."""

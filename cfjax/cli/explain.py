@@ -45,7 +45,7 @@ def add_ecinn(p: argparse.ArgumentParser) -> None:
     add_explain(p)
     p.add_argument("--step", type=checked(_check_step, "step"), default=DEFAULT_STEP,
                    help=f"alpha as a function of the boundary step alpha0: one of {', '.join(STEP_NAMES)} "
-                        f"(cfjax.methods.ecinn.STEP_RULES gives each formula; adaptive: the farthest of code+0.4, beyond, code whose decode stays in the pixel range) or a number (default {DEFAULT_STEP})")
+                        f"(cfjax.methods.ecinn.STEP_RULES gives each formula; adaptive: the farthest of code+0.4, beyond, code whose decode stays in the pixel range; adaptive-wide: the same, then code-0.2, code-0.4) or a number (default {DEFAULT_STEP})")
     p.add_argument("--refine", type=NON_NEGATIVE_INT, default=DEFAULT_REFINE, help=f"validity refinement rounds for counterfactuals that clipping to [0, 1] turned back (default {DEFAULT_REFINE}; 0 with --step paper is the paper's exact two-pass method)")
     p.add_argument("--direction", default=DEFAULT_DIRECTION, choices=DIRECTIONS,
                    help=f"translation direction: predicted_means (m_q - m_p, mean latents of the training images predicted as each class; the paper) or mu (learned means) (default {DEFAULT_DIRECTION})")

@@ -63,6 +63,11 @@ STEP_RULES: dict[str, Callable[[jax.Array], jax.Array]] = {
 # to 0.4 along D_pq; tolerance chosen on mnist5k's test split (README, "Which differences mattered").
 SEARCH_RULES: dict[str, tuple[tuple[Callable[[jax.Array], jax.Array], ...], float]] = {
     "adaptive": ((lambda a0: 1.2 + 0.5 * a0, STEP_RULES["beyond"], STEP_RULES["code"]), 0.03),
+    # The same, then two candidates short of the authors' rule (0.2 and 0.4 nearer the boundary),
+    # for flows whose inverse also diverges at the authors' step; refinement rounds step by the
+    # last (shortest) candidate. Not the default (README, "Full depth, trained longer").
+    "adaptive-wide": ((lambda a0: 1.2 + 0.5 * a0, STEP_RULES["beyond"], STEP_RULES["code"],
+                       lambda a0: 0.6 + 0.5 * a0, lambda a0: 0.4 + 0.5 * a0), 0.03),
 }
 DIRECTIONS = ("predicted_means", "mu")
 
