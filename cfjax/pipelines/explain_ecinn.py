@@ -40,7 +40,7 @@ from cfjax.pipelines.sharding import batch_mesh, replicate, round_batch, shard_b
 # The defaults of the CLI and of cfjax.Explainer: the adaptive search rule (the authors' code rule
 # extended where the decode stays in the pixel range) with 2 refinement
 # rounds (README compares the rules); the pure method's own defaults are the paper's.
-DEFAULT_STEP = "adaptive"
+DEFAULT_STEP = "adaptive-wide"
 DEFAULT_REFINE = 2
 DEFAULT_DIRECTION = "predicted_means"
 DEFAULT_RESIDUAL = 1.0  # keep all of the query's offset from its class mean (the paper)
