@@ -247,9 +247,9 @@ def latent_step(model, z, source, target, step="short"):
 
 # Search rules (cfjax.methods.ecinn.SEARCH_RULES): candidate rules farthest first, and the mean
 # out-of-range tolerance; refinement rounds step by the last candidate.
-SEARCH_RULES = {"adaptive": ((lambda a0: 1.2 + 0.5 * a0, lambda a0: 1.0 + 0.5 * a0, STEP_RULES["code"]), 0.03),
-                "adaptive-wide": ((lambda a0: 1.2 + 0.5 * a0, lambda a0: 1.0 + 0.5 * a0, STEP_RULES["code"],
-                                   lambda a0: 0.6 + 0.5 * a0, lambda a0: 0.4 + 0.5 * a0), 0.03)}
+_ADAPTIVE = (lambda a0: 1.2 + 0.5 * a0, lambda a0: 1.0 + 0.5 * a0, STEP_RULES["code"])
+SEARCH_RULES = {"adaptive": (_ADAPTIVE, 0.03),
+                "adaptive-wide": (_ADAPTIVE + (lambda a0: 0.6 + 0.5 * a0, lambda a0: 0.4 + 0.5 * a0), 0.03)}
 
 
 def step_and_decode(model, z, source, target, step="short"):
