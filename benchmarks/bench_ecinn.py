@@ -62,15 +62,17 @@ def cfjax_fn(config, step=STEP, direction=DIRECTION, refine=REFINE):
     return cf
 
 
-def executed_count(params, config, x, step, refine: int, rounds) -> dict:
+def executed_count(params, config, x, step, refine: int, out) -> dict:
     """:func:`benchmarks.roofline.jaxpr_flops` of the ECINN program as it ran on x (B, H, W, C),
-    whose per-query ``refine_rounds`` were ``rounds`` (B,). Its refinement is a ``while_loop`` that
-    stops when every query is done and moves only the queries not yet done, so the static count
-    (the loop body once, a ``cond``'s costlier branch) is not the work done. Counted instead: the
-    program without refinement (encode, move, decode), the check (one encode of the batch) and,
-    per round that ran, one decode + one encode of each query it moved (the useful work; cfjax
-    pads a round to one of :func:`cfjax.methods.ecinn.refine_sizes`, the twin moves exactly those
-    queries)."""
+    with ``out`` its result (``candidate`` and ``refine_rounds`` per query). A search rule decodes
+    its candidates in a ``while_loop`` that decodes candidate k only for the queries whose
+    candidates before it all left the pixel range, and refinement is a ``while_loop`` that stops
+    when every query is done and moves only the queries not yet done, so the static count (a loop
+    body once, a ``cond``'s costlier branch) is not the work done. Counted instead: the program
+    without refinement with one decode per candidate tried (``candidate`` + 1 per query), the
+    check (one encode of the batch) and, per round that ran, one decode + one encode of each query
+    it moved (the useful work; cfjax pads a sub-batch to one of :func:`cfjax.methods.ecinn.subbatch_sizes`, the twin takes
+    exactly those queries)."""
     import jax
     import jax.numpy as jnp
 
@@ -84,11 +86,14 @@ def executed_count(params, config, x, step, refine: int, rounds) -> dict:
     zs = jax.eval_shape(encode, params, xj)
     z = jnp.zeros(zs.shape, zs.dtype)
     dec = roofline.jaxpr_flops(lambda p, v: fc.decode(p, config, v), params, z)["flops"]
-    rounds = np.asarray(rounds)
+    rounds = np.asarray(out["refine_rounds"])
+    tried = int((np.asarray(out["candidate"]) + 1).sum())  # query-candidates decoded
     moved = sum(int((rounds >= k).sum()) for k in range(1, int(refine) + 1))  # query-rounds
-    flops = base["flops"] + (enc + moved * (enc + dec) / len(rounds) if refine else 0.0)
+    n = len(rounds)
+    # the static count holds one decode of the batch (a search loop's body once, its whole-batch branch)
+    flops = base["flops"] - dec + tried * dec / n + (enc + moved * (enc + dec) / n if refine else 0.0)
     return {**base, "flops": flops, "static_refine_0_flops": base["flops"], "check_flops": enc if refine else 0.0,
-            "moved_query_rounds": moved}
+            "decoded_query_candidates": tried, "moved_query_rounds": moved}
 
 
 def cli_settings() -> tuple:
@@ -160,7 +165,7 @@ def _timed_rows(res: dict, loaded, sizes, reps: int, budget_s: float, step, refi
 
     def count_at(b):  # the work done on the row's queries (the refinement loop is data-dependent)
         x = np.resize(images, (b, *shape)).astype(np.float32)
-        return executed_count(params, config, x, step, refine, cf(params, jnp.asarray(x))["refine_rounds"])
+        return executed_count(params, config, x, step, refine, cf(params, jnp.asarray(x)))
 
     roofline.attach(res, count_at, xla_at=lambda b: roofline.xla_flops(cf, params, jnp.zeros((b, *shape), jnp.float32)), log=log,
                     headline_fns=head_fns)

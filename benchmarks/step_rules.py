@@ -42,7 +42,7 @@ def run(batch: int = 256, repeats: int = 7, log=print) -> dict:
         cf = cfjax_fn(config, step, "predicted_means", refine)
         fns[name] = lambda cf=cf: jax.block_until_ready(cf(params, x))  # noqa: E731
         common.timed(fns[name])  # compile
-        flops[name] = executed_count(params, config, x, step, refine, cf(params, x)["refine_rounds"])
+        flops[name] = executed_count(params, config, x, step, refine, cf(params, x))
     times = common.interleaved(fns, repeats)
     base = common.median(times["code, refine 2"])
     rows = []

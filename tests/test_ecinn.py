@@ -156,12 +156,12 @@ def test_all_classes_in_one_call_matches_per_target(params):
 @pytest.mark.parametrize("rule", ["adaptive", "adaptive-wide"])
 def test_search_rule_keeps_the_farthest_candidate_in_the_pixel_range(params, monkeypatch, rule):
     """A search rule per query against its candidate rules run one by one and chosen in NumPy."""
-    x = jax.random.uniform(jax.random.PRNGKey(9), (12, 8, 8, 1))
-    t = jnp.array([0, 1, 2, 3] * 3)
+    x = jax.random.uniform(jax.random.PRNGKey(9), (32, 8, 8, 1))
+    t = jnp.array([0, 1, 2, 3] * 8)
     rules, _ = ecinn.SEARCH_RULES[rule]
     singles = [ecinn.counterfactual(params, CFG, x, t, step=r) for r in rules]
     oor = np.stack([np.abs((r := np.asarray(fc.decode(params, CFG, s["z_cf"]))) - np.clip(r, 0, 1)).mean((1, 2, 3)) for s in singles])
-    tol = float(np.median(oor))  # a tolerance that splits these queries between the candidates
+    tol = float(np.quantile(oor[0], 0.8))  # the first candidate leaves the range for a fifth of these queries
     monkeypatch.setitem(ecinn.SEARCH_RULES, rule, (rules, tol))
     out = ecinn.counterfactual(params, CFG, x, t, step=rule)
     for i in range(len(x)):
@@ -170,11 +170,40 @@ def test_search_rule_keeps_the_farthest_candidate_in_the_pixel_range(params, mon
         np.testing.assert_allclose(float(out["alpha"][i]), float(singles[k]["alpha"][i]), rtol=1e-6)
     picked = {next((k for k in range(len(rules)) if oor[k, i] <= tol), len(rules) - 1) for i in range(len(x)) if int(t[i]) != int(out["y_pred"][i])}
     assert len(picked) > 1, picked  # the test saw more than one candidate chosen
+    # Candidate k is decoded only for the queries whose candidates before it all left the range,
+    # gathered into a sub-batch: at least one later candidate ran on a sub-batch (not the whole).
+    tried = [int(np.sum(np.all(oor[:k] > tol, axis=0))) for k in range(1, len(rules))]
+    assert any(0 < n <= ecinn.subbatch_sizes(len(x))[-2] for n in tried), (tried, ecinn.subbatch_sizes(len(x)))
     allc = ecinn.counterfactuals_all_classes(params, CFG, x[:3], step=rule)
     for c in range(4):
         np.testing.assert_allclose(np.asarray(allc["x_cf"][:, c]), np.asarray(ecinn.counterfactual(params, CFG, x[:3], jnp.full(3, c), step=rule)["x_cf"]), atol=1e-5)
     with pytest.raises(CfjaxError, match="search rule"):
         ecinn.latent_step(params["latent"], params["class_means"], jnp.zeros((1, 64)), jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), step=rule)
+
+
+@pytest.mark.parametrize("tol, tried", [(-1.0, 5), (float("inf"), 1)])
+def test_benchmark_counts_the_candidates_decoded(params, monkeypatch, tol, tried):
+    """benchmarks.bench_ecinn.executed_count: with every candidate out of range (tolerance -1)
+    each query decodes all five of adaptive-wide's, the work of encoding once and decoding the
+    five candidates of the batch in one call (counted from that program's jaxpr); with every
+    candidate in range (inf) one, the work of a plain step rule's program."""
+    from benchmarks import bench_ecinn, roofline
+
+    x = jax.random.uniform(jax.random.PRNGKey(4), (8, 8, 8, 1))
+    rules, _ = ecinn.SEARCH_RULES["adaptive-wide"]
+    monkeypatch.setitem(ecinn.SEARCH_RULES, "adaptive-wide", (rules, tol))
+    out = bench_ecinn.cfjax_fn(CFG, "adaptive-wide", refine=0)(params, x)
+    np.testing.assert_array_equal(np.asarray(out["candidate"]), np.full(8, tried - 1))
+
+    def decode_all(p, x):  # encode, then the first `tried` candidates of every query in one decode
+        z, _ = fc.encode(p, CFG, x)
+        y = jnp.argmax(latent_lib.class_logits(p["latent"], z, CFG.latent.use_prior_at_test), -1)
+        zs = [ecinn.latent_step(p["latent"], p["class_means"], z, y, (y + 1) % 4, r)[0] for r in rules[:tried]]
+        return fc.decode(p, CFG, jnp.concatenate(zs))
+
+    count = bench_ecinn.executed_count(params, CFG, x, "adaptive-wide", 0, out)
+    assert count["decoded_query_candidates"] == 8 * tried
+    assert count["flops"] == pytest.approx(roofline.jaxpr_flops(decode_all, params, x)["flops"], rel=1e-9)
 
 
 def test_heatmap_against_numpy():
@@ -275,12 +304,12 @@ def _refine_reference(params, config, z, y, target, step, refine):
     return np.asarray(x_cf), rounds, np.asarray(fc.predict_proba(params, config, x_cf))
 
 
-# The shipped setting (1/8) runs by default; the other two in the slow suite (time).
-@pytest.mark.parametrize("fractions, sizes", [pytest.param((), (32,), marks=pytest.mark.slow), ((1 / 8,), (4, 32)),
+# The shipped setting (1/8, 1/4) runs by default; the other two in the slow suite (time).
+@pytest.mark.parametrize("fractions, sizes", [pytest.param((), (32,), marks=pytest.mark.slow), ((1 / 8, 1 / 4), (4, 8, 32)),
                                               pytest.param((1 / 8, 1 / 4, 1 / 2), (4, 8, 16, 32), marks=pytest.mark.slow)])
 def test_refinement_stops_early_and_moves_only_the_queries_left(monkeypatch, fractions, sizes):
     """The while loop (rounds stop when all queries are done; a round gathers the queries left
-    into the smallest sub-batch of REFINE_FRACTIONS of the batch that holds them) gives the
+    into the smallest sub-batch of SUBBATCH_FRACTIONS of the batch that holds them) gives the
     whole-batch, fixed-round refinement's counterfactuals, rounds and predictions. Shipped flow,
     32 queries, a short fixed step (0.25) so that rounds are needed: 30 queries need a first round
     (the whole batch), 18 a second (the whole batch), 1 a third (a sub-batch of 4)."""
@@ -288,8 +317,8 @@ def test_refinement_stops_early_and_moves_only_the_queries_left(monkeypatch, fra
     from cfjax.pipelines.train_flow import load_flow
     from cfjax.pretrained import default_model_dir
 
-    monkeypatch.setattr(ecinn, "REFINE_FRACTIONS", fractions)
-    assert ecinn.refine_sizes(32) == sizes
+    monkeypatch.setattr(ecinn, "SUBBATCH_FRACTIONS", fractions)
+    assert ecinn.subbatch_sizes(32) == sizes
     params, config, _ = load_flow(default_model_dir("flow", "mnist5k"))
     x = jnp.asarray(load_dataset("mnist5k", "test").images[:32], jnp.float32)
     z, _ = fc.encode(params, config, x)

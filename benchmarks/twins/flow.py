@@ -254,18 +254,25 @@ SEARCH_RULES = {"adaptive": (_ADAPTIVE, 0.03),
 
 def step_and_decode(model, z, source, target, step="short"):
     """cfjax.methods.ecinn.step_and_decode (predicted means): x_cf (B, C, H, W) clipped, for a step
-    rule or a search rule (its K candidates decoded in one batched call)."""
+    rule or a search rule (candidates farthest first, each decoded only for the queries whose
+    decodes so far all left the pixel range: exactly those rows, eager PyTorch takes any shape)."""
     if not (isinstance(step, str) and step in SEARCH_RULES):
         z_cf, _, _ = latent_step(model, z, source, target, step)
         return torch.clamp(model.decode(z_cf), 0.0, 1.0)
     rules, tolerance = SEARCH_RULES[step]
-    bsz, k = z.shape[0], len(rules)
-    z_all = torch.cat([latent_step(model, z, source, target, r)[0] for r in rules])
-    x_raw = model.decode(z_all)
-    ok = ((x_raw - torch.clamp(x_raw, 0.0, 1.0)).abs().mean((1, 2, 3)) <= tolerance).reshape(k, bsz)
-    ok[-1] = True
-    pick = torch.argmax(ok.to(torch.int8), 0)  # the first (farthest) candidate in range
-    return torch.clamp(x_raw[pick * bsz + torch.arange(bsz)], 0.0, 1.0)
+    x_cf = None
+    todo = torch.arange(z.shape[0])
+    for k, rule in enumerate(rules):
+        z_k, _, _ = latent_step(model, z[todo], source[todo], target[todo], rule)
+        x_raw = model.decode(z_k)
+        ok = ((x_raw - torch.clamp(x_raw, 0.0, 1.0)).abs().mean((1, 2, 3)) <= tolerance) | (k == len(rules) - 1)
+        if x_cf is None:
+            x_cf = torch.empty_like(x_raw)
+        x_cf[todo[ok]] = torch.clamp(x_raw[ok], 0.0, 1.0)
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            break
+    return x_cf
 
 
 @torch.inference_mode()
