@@ -11,27 +11,20 @@ programs are compared (largest |x_cf difference|, same refinement rounds).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bn_fold", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--sizes", default="1,16,256")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bn_fold_cpu.json"))
-    a = p.parse_args(argv)
+    from benchmarks import common
+
+    a = common.ab_parser("bn_fold", __doc__, "1,16,256", 7).parse_args(argv)
     from cfjax import xla_cpu
 
     flags = xla_cpu.apply("ecinn")
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import bench_ecinn, common
+    from benchmarks import bench_ecinn
     from cfjax.models import ibinn
 
     params, config, _, images, _ = bench_ecinn.load(bench_ecinn.IBINN_MODEL)

@@ -3,6 +3,8 @@ result files (JSON + plot)."""
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -81,6 +83,17 @@ def stamp_end(result: dict) -> dict:
     result["load_average_end"] = load_average()
     result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return result
+
+
+def ab_parser(name: str, doc: str, sizes: str, repeats: int) -> argparse.ArgumentParser:
+    """The command line of a one-process A/B benchmark ``python -m benchmarks.<name>``: --sizes
+    (comma-separated batches), --repeats and --out (default benchmarks/results/<name>_cpu.json);
+    the description is the first line of ``doc``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.strip().splitlines()[0])
+    p.add_argument("--sizes", default=sizes)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / f"{name}_cpu.json"))
+    return p
 
 
 def ab_result(name: str, argv, flags_added: list[str], settings: dict) -> dict:

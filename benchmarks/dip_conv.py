@@ -19,22 +19,16 @@ summation order) and each program's fit MSE.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dip_conv", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--sizes", default="16,64")
+    from benchmarks import common
+
+    p = common.ab_parser("dip_conv", __doc__, "16,64", 3)
     p.add_argument("--fit-steps", type=int, default=30)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dip_conv_cpu.json"))
     a = p.parse_args(argv)
     from cfjax import xla_cpu
 
@@ -42,7 +36,6 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import common
     from cfjax import model_dirs
     from cfjax.data import load_dataset
     from cfjax.methods import disc

@@ -12,28 +12,21 @@ CLI's defaults on the shipped IB-INN flow (``mnist5k_flow``), next-class targets
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scan_blocks", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--sizes", default="16,256")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scan_blocks_cpu.json"))
-    a = p.parse_args(argv)
+    from benchmarks import common
+
+    a = common.ab_parser("scan_blocks", __doc__, "16,256", 5).parse_args(argv)
     from cfjax import xla_cpu
 
     flags = xla_cpu.apply("ecinn")
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import bench_ecinn, common
+    from benchmarks import bench_ecinn
     from cfjax.models import ibinn
 
     res = common.ab_result("scan_blocks", argv, flags, {"model": "cfjax/pretrained/mnist5k_flow", "target": "next", "repeats": a.repeats})

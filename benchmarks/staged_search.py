@@ -15,13 +15,8 @@ each candidate.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def decode_all(params, config, z, source, target, step="paper", direction="predicted_means", residual=1.0):
     """The search rule decoding all K candidates of every query in one call (K B rows), keeping the
@@ -44,11 +39,9 @@ def decode_all(params, config, z, source, target, step="paper", direction="predi
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.staged_search", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--sizes", default="1,16,256")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "staged_search_cpu.json"))
-    a = p.parse_args(argv)
+    from benchmarks import common
+
+    a = common.ab_parser("staged_search", __doc__, "1,16,256", 7).parse_args(argv)
     from cfjax import xla_cpu
 
     flags = xla_cpu.apply("ecinn")
@@ -58,7 +51,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import bench_ecinn, common
+    from benchmarks import bench_ecinn
     from cfjax.methods import ecinn
 
     params, config, _, images, _ = bench_ecinn.load(bench_ecinn.IBINN_MODEL)
