@@ -135,12 +135,12 @@ def test_counterfactual_is_inverse_of_latent_move(params):
     np.testing.assert_allclose(np.asarray(z_back), np.asarray(out["z_cf"]), atol=1e-3)
 
 
-@pytest.mark.parametrize("refine", [0, 2])
-def test_vmap_equals_batched_and_jit(params, refine):
+@pytest.mark.parametrize("refine, step", [(0, "paper"), (2, "paper"), (2, "adaptive-wide")])
+def test_vmap_equals_batched_and_jit(params, refine, step):
     x = jax.random.uniform(jax.random.PRNGKey(7), (6, 8, 8, 1))
     t = jnp.array([0, 1, 2, 3, 0, 1])
-    batched = jax.jit(ecinn.counterfactual, static_argnums=(1, 4, 5, 6))(params, CFG, x, t, "paper", "predicted_means", refine)
-    one = lambda xi, ti: ecinn.counterfactual(params, CFG, xi[None], ti[None], refine=refine)["x_cf"][0]  # noqa: E731
+    batched = jax.jit(ecinn.counterfactual, static_argnums=(1, 4, 5, 6))(params, CFG, x, t, step, "predicted_means", refine)
+    one = lambda xi, ti: ecinn.counterfactual(params, CFG, xi[None], ti[None], step, refine=refine)["x_cf"][0]  # noqa: E731
     np.testing.assert_allclose(np.asarray(jax.vmap(one)(x, t)), np.asarray(batched["x_cf"]), atol=1e-5)
 
 

@@ -23,7 +23,7 @@ first, and keeps per query the first whose decode stays in the pixel range; a ca
 only for the queries that still need one.
 
 Every function is pure, jittable and vmappable; counterfactuals to all classes at once are one
-batched inverse call (:func:`counterfactuals_all_classes`).
+batched inverse call for a step rule (:func:`counterfactuals_all_classes`).
 """
 
 from __future__ import annotations
@@ -377,7 +377,8 @@ def counterfactuals_all_classes(
     params: dict, config: FlowClassifierConfig, x: jax.Array, step="paper", direction: str = "predicted_means",
     residual: float = 1.0,
 ) -> dict:
-    """Counterfactuals of every query to every class: one forward and ONE batched inverse call.
+    """Counterfactuals of every query to every class: one forward and ONE batched inverse call
+    (with a search rule, its staged decodes run over all B x C query-class pairs together).
 
     x (B, H, W, C) -> x_cf (B, C, H, W, C_img) (the predicted class's slot holds x itself,
     reconstructed), y_pred (B,), alpha (B, C).
